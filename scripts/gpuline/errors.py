@@ -6,7 +6,7 @@ Exit codes are part of the command contract that scripts and CI rely on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -88,17 +88,3 @@ class NotFoundError(InputError):
     """A run id, model or version that does not exist."""
 
     title = "not found"
-
-
-@dataclass
-class Failure:
-    """One attempt that failed (capacity, quota, throttling...), kept for failover reports."""
-
-    what: str
-    reason: str
-    detail: str = ""
-
-
-@dataclass
-class FailoverExhausted(Exception):
-    failures: list[Failure] = field(default_factory=list)
