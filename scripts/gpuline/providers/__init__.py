@@ -1,0 +1,26 @@
+"""Providers by name, with aliases; adding a cloud is one module plus one line here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpuline.plugins import Registry
+from gpuline.providers.base import Provider
+
+PROVIDERS = Registry(
+    "provider",
+    {
+        "local": "gpuline.providers.local:LocalProvider",
+        "ec2": "gpuline.providers.ec2:Ec2Provider",
+        "kubernetes": "gpuline.providers.kubernetes:KubernetesProvider",
+        "rest": "gpuline.providers.rest:RestProvider",
+    },
+    aliases={"aws": "ec2", "k8s": "kubernetes", "kube": "kubernetes", "laptop": "local", "self": "local"},
+)
+
+
+def open_provider(name: str, project_dir: Path, options: dict[str, Any] | None = None) -> Provider:
+    factory = PROVIDERS.load(name)
+    provider: Provider = factory(project_dir=project_dir, options=options or {})
+    return provider

@@ -1,0 +1,88 @@
+"""The provider protocol: buy a machine for a lease, look at it, give it back, list what we own.
+
+A provider never decides ids, tags or lifetimes: the provision step records those in the ledger
+before calling ``provision``, so a crash right after the call still leaves a findable machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from gpuline.spec import Spec
+
+MachineState = Literal["pending", "running", "stopping", "stopped", "terminated", "unknown"]
+
+# Tag keys every provider puts on what it creates, so the reaper can find it again.
+TAG_RUN_ID = "gpuline:run-id"
+TAG_LEASE_ID = "gpuline:lease-id"
+TAG_EXPIRES_AT = "gpuline:expires-at"
+TAG_MANAGED = "gpuline:managed"
+
+
+@dataclass
+class RunnerRequest:
+    """Turn the machine into a single-use GitHub runner: the JIT config is a secret, never a tag."""
+
+    label: str
+    jit_config: str = field(repr=False)
+
+
+@dataclass
+class LeaseRequest:
+    run_id: str
+    lease_id: str
+    spec: Spec
+    instance_type: str
+    lane: str
+    region: str
+    ttl_seconds: int
+    expires_at: datetime
+    tags: dict[str, str]
+    project_dir: Path
+    runner: RunnerRequest | None = None
+
+
+@dataclass
+class Machine:
+    instance_id: str
+    provider: str
+    state: MachineState
+    tags: dict[str, str] = field(default_factory=dict)
+    launched_at: datetime | None = None
+    runner_label: str | None = None
+    address: str | None = None
+    instance_type: str = ""
+    lane: str = ""
+    region: str = ""
+    # Attempts that failed before this one succeeded (capacity, quota, throttling), for the run record.
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tags.get(TAG_RUN_ID)
+
+    @property
+    def lease_id(self) -> str | None:
+        return self.tags.get(TAG_LEASE_ID)
+
+    @property
+    def expires_at(self) -> datetime | None:
+        raw = self.tags.get(TAG_EXPIRES_AT)
+        return datetime.fromisoformat(raw) if raw else None
+
+
+class Provider(Protocol):
+    name: str
+
+    def provision(self, request: LeaseRequest) -> Machine: ...
+    def describe(self, instance_id: str) -> Machine: ...
+    def release(self, instance_id: str) -> bool:
+        """Terminate; True if something was running, False if it was already gone (idempotent)."""
+        ...
+
+    def list_owned(self) -> list[Machine]:
+        """Everything this provider holds that carries gpuline tags (running or starting)."""
+        ...

@@ -1,0 +1,217 @@
+"""The run record: the control plane's truth about one training run, and the ledger that keeps it.
+
+A run record is created before any money is spent; every step appends events and fills in fields,
+so a crash at any point leaves enough behind for teardown or the reaper to finish the job.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStatus = Literal["created", "running", "succeeded", "failed", "refused"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Sortable by creation time and unique enough for many concurrent runs."""
+    stamp = (now or utcnow()).strftime("%Y%m%d-%H%M%S")
+    return f"run-{stamp}-{secrets.token_hex(3)}"
+
+
+def period_key(when: datetime, period: str = "week") -> str:
+    """The budget period a moment belongs to: ``2026-W48`` or ``2026-11``."""
+    if period == "month":
+        return when.strftime("%Y-%m")
+    year, week, _ = when.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Checkpoint(_Record):
+    uri: str
+    step: int
+    sha256: str
+
+
+class GateVerdict(_Record):
+    gate: str
+    passed: bool
+    value: float | None = None
+    threshold: str = ""
+    baseline: float | None = None
+    detail: str = ""
+
+
+class Timestamps(_Record):
+    requested: datetime | None = None
+    provisioned: datetime | None = None
+    runner_online: datetime | None = None
+    first_step: datetime | None = None
+    last_step: datetime | None = None
+    released: datetime | None = None
+
+
+class Lineage(_Record):
+    repo: str = ""
+    commit: str = ""
+    ref: str = ""
+    workflow_run_url: str = ""
+    actor: str = ""
+    config_path: str = ""
+    config_hash: str = ""
+    image_digest: str = ""
+    dataset_uri: str = ""
+    dataset_sha256: str = ""
+
+
+class RunRecord(_Record):
+    run_id: str
+    model: str
+    team: str
+    tier: str
+    status: RunStatus = "created"
+    stage: str = "created"
+    """The last step that finished (or the one that failed), so a person sees where it stopped."""
+    error: str | None = None
+    lineage: Lineage = Field(default_factory=Lineage)
+    resolved_config: dict[str, Any] = Field(default_factory=dict)
+    provider: str = ""
+    instance_type: str = ""
+    gpu_type: str = ""
+    gpu_count: int = 0
+    lane: str = ""
+    region: str = ""
+    lease_id: str | None = None
+    instance_id: str | None = None
+    runner_label: str | None = None
+    ttl_seconds: int | None = None
+    expires_at: datetime | None = None
+    times: Timestamps = Field(default_factory=Timestamps)
+    gpu_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    estimated_usd: float | None = None
+    estimated_gpu_hours: float | None = None
+    actual_usd: float | None = None
+    preemptions: int = 0
+    restarts: int = 0
+    checkpoints: list[Checkpoint] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    gates: list[GateVerdict] = Field(default_factory=list)
+    promoted_version: int | None = None
+    promoted_stage: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Event(_Record):
+    run_id: str
+    seq: int
+    at: datetime
+    kind: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Reservation(_Record):
+    """Budget held for a run from estimate until settle/release; it expires with the lease's TTL."""
+
+    run_id: str
+    team: str
+    period: str
+    gpu_hours: float
+    usd: float
+    expires_at: datetime
+    state: Literal["held", "settled", "released"] = "held"
+
+
+class Usage(_Record):
+    team: str
+    period: str
+    held_gpu_hours: float = 0.0
+    held_usd: float = 0.0
+    settled_gpu_hours: float = 0.0
+    settled_usd: float = 0.0
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.held_gpu_hours + self.settled_gpu_hours
+
+    @property
+    def usd(self) -> float:
+        return self.held_usd + self.settled_usd
+
+
+class Cap(_Record):
+    """Hard ceilings a reservation must fit under; None means unlimited."""
+
+    gpu_hours: float | None = None
+    usd: float | None = None
+
+
+class LeaseRecord(_Record):
+    """A machine we are paying for (or about to): recorded before the provider is called."""
+
+    lease_id: str
+    run_id: str
+    provider: str
+    instance_id: str | None = None
+    lane: str = ""
+    region: str = ""
+    instance_type: str = ""
+    requested_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    released_at: datetime | None = None
+
+
+class Ledger(Protocol):
+    """Where run records, events, quota reservations and leases live. Every backend is atomic per call."""
+
+    def create_run(self, record: RunRecord) -> None: ...
+    def get_run(self, run_id: str) -> RunRecord: ...
+    def update_run(self, run_id: str, change: Callable[[RunRecord], None]) -> RunRecord:
+        """Read-modify-write under the backend's lock/condition, so concurrent steps never lose fields."""
+        ...
+
+    def list_runs(self, *, model: str | None = None, team: str | None = None, limit: int = 100) -> list[RunRecord]: ...
+    def append_event(self, run_id: str, kind: str, data: dict[str, Any] | None = None) -> Event: ...
+    def events(self, run_id: str) -> list[Event]: ...
+
+    def reserve(self, reservation: Reservation, team_cap: Cap, org_cap: Cap | None = None) -> bool:
+        """Hold budget iff held+settled+new stays within the caps; False (nothing held) otherwise.
+
+        Re-reserving for a run that already holds budget replaces its amounts (idempotent)."""
+        ...
+
+    def settle(self, run_id: str, gpu_hours: float, usd: float) -> None:
+        """Replace the run's reservation with what it actually cost."""
+        ...
+
+    def release(self, run_id: str) -> bool:
+        """Drop a held reservation; False when there was none held (already settled or released)."""
+        ...
+
+    def usage(self, team: str, period: str) -> Usage: ...
+    def reservations(self, *, state: str | None = None) -> list[Reservation]: ...
+
+    def record_lease(self, lease: LeaseRecord) -> None: ...
+    def update_lease(self, lease_id: str, *, instance_id: str | None = None) -> None: ...
+    def release_lease(self, lease_id: str, at: datetime) -> bool:
+        """Mark the lease released; False when it already was (teardown is idempotent)."""
+        ...
+
+    def leases(self, *, active_only: bool = False) -> list[LeaseRecord]: ...
+    def close(self) -> None: ...
+
+
+def ttl_expiry(start: datetime, seconds: float) -> datetime:
+    return start + timedelta(seconds=seconds)
