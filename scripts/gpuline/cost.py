@@ -68,7 +68,11 @@ def estimate_duration(spec: Spec, ledger: Ledger | None, smoke_step_s: float | N
             p50 = statistics.median(past)
             p90 = statistics.quantiles(past, n=10, method="inclusive")[8]
             return DurationEstimate(
-                min(p50, max_s), min(p90, max_s), "history", len(past), f"from {len(past)} finished runs of this config"
+                min(p50, max_s),
+                min(p90, max_s),
+                "history",
+                len(past),
+                f"from {len(past)} finished runs of this config",
             )
     steps = spec.hyperparameters.get("steps")
     if smoke_step_s is not None and isinstance(steps, int) and steps > 0:

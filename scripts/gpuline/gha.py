@@ -85,7 +85,12 @@ def annotate(level: str, message: str, *, title: str | None = None, location: Lo
     if in_actions():
         props: dict[str, str | int | None] = {"title": title}
         if location is not None:
-            props = {"file": str(location.file), "line": location.line, "col": location.column, "title": title}
+            props = {
+                "file": str(location.file),
+                "line": location.line,
+                "col": location.column,
+                "title": title,
+            }
         _command(level, message, props)
     else:
         print(f"{level}: {message}", file=sys.stderr, flush=True)

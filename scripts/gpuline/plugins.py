@@ -12,9 +12,14 @@ from typing import Any
 
 from gpuline.errors import InputError
 
-
 # Which extra of the gpuline distribution brings an optional SDK.
-_EXTRAS = {"boto3": "aws", "botocore": "aws", "github": "github", "kubernetes": "kubernetes", "torch": "train"}
+_EXTRAS = {
+    "boto3": "aws",
+    "botocore": "aws",
+    "github": "github",
+    "kubernetes": "kubernetes",
+    "torch": "train",
+}
 
 
 class Registry:

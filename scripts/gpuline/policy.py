@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from gpuline.cost import CostEstimate
 from gpuline.runs import Cap, Usage
-from gpuline.spec import Policy, Spec
+from gpuline.spec import Policy, Spec, Tier
 
 Verdict = Literal["allow", "warn", "deny"]
 
@@ -41,13 +41,18 @@ def team_cap(policy: Policy, team: str) -> Cap:
 
 
 def decide(
-    spec: Spec, tier: str, policy: Policy, est: CostEstimate, usage: Usage, approvals: frozenset[str] = frozenset()
+    spec: Spec,
+    tier: str,
+    policy: Policy,
+    est: CostEstimate,
+    usage: Usage,
+    approvals: frozenset[str] = frozenset(),
 ) -> Decision:
     deny: list[str] = []
     warn: list[str] = []
     fixes: list[str] = []
     res = spec.resources
-    rules = policy.tiers.get(tier)  # type: ignore[call-overload]
+    rules = policy.tiers.get(cast(Tier, tier))
 
     if rules is not None:
         if rules.allowed_gpu_types is not None and res.gpu_type not in rules.allowed_gpu_types:
@@ -75,10 +80,10 @@ def decide(
                 remaining_before[key] = round(limit.hard - before[key], 4)
                 remaining_after[key] = round(limit.hard - after[key], 4)
             if limit.hard is not None and after[key] > limit.hard + 1e-9:
-                over = after[key] - limit.hard
+                over, this_run = after[key] - limit.hard, after[key] - before[key]
                 deny.append(
                     f"team {spec.model.team}'s hard {unit} budget of {limit.hard:g} per {policy.budgets.period} "
-                    f"would be exceeded by {over:.2f} (used {before[key]:.2f}, this run up to {after[key] - before[key]:.2f})"
+                    f"would be exceeded by {over:.2f} (used {before[key]:.2f}, this run up to {this_run:.2f})"
                 )
                 fixes.extend(_budget_fixes(spec, est, key, limit.hard - before[key]))
             elif limit.soft is not None and after[key] > limit.soft + 1e-9:

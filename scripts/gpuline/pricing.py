@@ -79,9 +79,7 @@ class Catalog(_Model):
                 )
             return instance_type, prices.instances[instance_type]
         fitting = [
-            (name, inst)
-            for name, inst in prices.instances.items()
-            if inst.gpu == gpu_type and inst.gpus >= gpu_count
+            (name, inst) for name, inst in prices.instances.items() if inst.gpu == gpu_type and inst.gpus >= gpu_count
         ]
         if not fitting:
             offered = sorted({f"{i.gpu} x{i.gpus}" for i in prices.instances.values()})

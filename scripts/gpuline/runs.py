@@ -105,6 +105,8 @@ class RunRecord(_Record):
     actual_usd: float | None = None
     preemptions: int = 0
     restarts: int = 0
+    smoke_step_s: float | None = None
+    """Seconds per step measured by preflight's CPU smoke test (one input to the duration estimate)."""
     checkpoints: list[Checkpoint] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     gates: list[GateVerdict] = Field(default_factory=list)

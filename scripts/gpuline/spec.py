@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -27,9 +27,7 @@ def parse_duration(value: Any) -> int:
     """``90`` / ``"90s"`` / ``"20m"`` / ``"1h30m"`` -> seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 20m, 1h30m or 900 (seconds)")
-    if isinstance(value, int | float):
-        seconds = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
         seconds = int(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)) and any(m.groups()):
         hours, minutes, secs = (int(g) if g else 0 for g in m.groups())
@@ -162,7 +160,7 @@ class Spec(_Model):
 
     def for_tier(self, tier: str) -> Spec:
         """The spec with the tier's overrides merged in (what actually runs)."""
-        override = self.tiers.get(tier)  # type: ignore[call-overload]
+        override = self.tiers.get(cast(Tier, tier))
         if override is None:
             return self
         data = self.model_dump(by_alias=True)
@@ -244,7 +242,10 @@ def load_policy(path: Path, text: str | None = None) -> Policy:
     return _validate(doc, Policy)
 
 
-def _validate[M: BaseModel](doc: YamlDocument, model: type[M]) -> M:
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(doc: YamlDocument, model: type[M]) -> M:
     if not isinstance(doc.data, dict):
         raise ConfigError(
             "expected a mapping at the top level",
@@ -278,9 +279,7 @@ def _to_config_error(doc: YamlDocument, model: type[BaseModel], exc: ValidationE
             message += f" (got {value!r})"
         hint = "see `gpuline schema` for the expected type"
     extra = f"; {len(exc.errors()) - 1} more problem(s) after fixing this" if len(exc.errors()) > 1 else ""
-    return ConfigError(
-        message + extra, hint=hint, location=Location(doc.path, line=doc.line_of(loc), field=field)
-    )
+    return ConfigError(message + extra, hint=hint, location=Location(doc.path, line=doc.line_of(loc), field=field))
 
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:

@@ -79,7 +79,13 @@ class SqliteLedger:
             try:
                 db.execute(
                     "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
-                    (record.run_id, record.model, record.team, record.created_at.isoformat(), record.model_dump_json()),
+                    (
+                        record.run_id,
+                        record.model,
+                        record.team,
+                        record.created_at.isoformat(),
+                        record.model_dump_json(),
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise InputError(f"run {record.run_id} already exists", hint="pick a new --run-id") from None
@@ -99,7 +105,7 @@ class SqliteLedger:
         return record
 
     def list_runs(self, *, model: str | None = None, team: str | None = None, limit: int = 100) -> list[RunRecord]:
-        sql, args = "SELECT body FROM runs WHERE 1=1", []
+        sql, args = "SELECT body FROM runs WHERE 1=1", list[str]()
         if model:
             sql, args = sql + " AND model = ?", [*args, model]
         if team:
@@ -164,7 +170,9 @@ class SqliteLedger:
 
     def release(self, run_id: str) -> bool:
         with self._tx() as db:
-            cur = db.execute("UPDATE reservations SET state = 'released' WHERE run_id = ? AND state = 'held'", (run_id,))
+            cur = db.execute(
+                "UPDATE reservations SET state = 'released' WHERE run_id = ? AND state = 'held'", (run_id,)
+            )
             return cur.rowcount > 0
 
     def usage(self, team: str, period: str) -> Usage:
@@ -184,9 +192,7 @@ class SqliteLedger:
         sql = "SELECT run_id, team, period, gpu_hours, usd, expires_at, state FROM reservations"
         rows = self._db.execute(sql + " WHERE state = ?", (state,)) if state else self._db.execute(sql)
         return [
-            Reservation(
-                run_id=a, team=b, period=c, gpu_hours=d, usd=e, expires_at=datetime.fromisoformat(f), state=g
-            )
+            Reservation(run_id=a, team=b, period=c, gpu_hours=d, usd=e, expires_at=datetime.fromisoformat(f), state=g)
             for a, b, c, d, e, f, g in rows.fetchall()
         ]
 

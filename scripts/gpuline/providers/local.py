@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.errors import NotFoundError
-from gpuline.providers.base import LeaseRequest, Machine, TAG_MANAGED
+from gpuline.providers.base import TAG_MANAGED, LeaseRequest, Machine
 from gpuline.runs import utcnow
 
 

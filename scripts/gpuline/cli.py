@@ -1,0 +1,216 @@
+"""The one entry point. Parses flags, runs one command, and is the only place that turns a
+``GpulineError`` into output: a one-line message, an annotation and step summary inside Actions,
+and an exit code (2 bad input, 1 refused, 3 infrastructure). Tracebacks only with ``--debug``.
+
+Kept import-light on purpose: ``gpuline --help`` must not load pydantic, boto3 or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+# name -> (module:function, help). The function takes the parsed args and returns a JSON-able dict.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("gpuline.steps.pipeline:run", "run a whole tier: preflight through teardown"),
+    "preflight": (
+        "gpuline.steps.preflight:run",
+        "check everything that can be checked before a GPU is bought",
+    ),
+    "cost-estimate": (
+        "gpuline.steps.cost_estimate:run",
+        "estimate GPU-hours and dollars, decide, reserve quota",
+    ),
+    "provision": ("gpuline.steps.provision:run", "record a lease, then start the machine"),
+    "train": ("gpuline.steps.train:run", "train under the supervisor, resuming from the newest checkpoint"),
+    "eval-gate": ("gpuline.steps.eval_gate:run", "compare candidate metrics with gates and the baseline"),
+    "promote": ("gpuline.steps.promote:run", "register the model and move a stage to it"),
+    "teardown": (
+        "gpuline.steps.teardown:run",
+        "release machine and quota, settle the real cost (idempotent)",
+    ),
+    "rollback": ("gpuline.steps.rollback:run", "move a stage back to the version it held before"),
+    "status": ("gpuline.steps.status:run", "show run records"),
+    "reap": ("gpuline.steps.reap:run", "find and release leaked machines and expired reservations"),
+    "schema": ("gpuline.steps.schema:run", "print the JSON Schema of gpuline.yml or policy.yml"),
+}
+
+# Commands that parse their own argv: name -> "module:main" with main(argv: list[str]) -> int.
+STANDALONE: dict[str, str] = {}
+
+TIERS = ("pr-fast", "nightly", "release")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=_env("GPULINE_CONFIG", "gpuline.yml"), help="path of gpuline.yml")
+    common.add_argument("--policy", default=_env("GPULINE_POLICY"), help="policy.yml (default: beside the config)")
+    common.add_argument(
+        "--policy-ref",
+        default=_env("GPULINE_POLICY_REF"),
+        help="read the policy from this git ref (the base branch)",
+    )
+    common.add_argument("--run-id", default=_env("GPULINE_RUN_ID"), help="the run to act on")
+    common.add_argument("--tier", choices=TIERS, default=_env("GPULINE_TIER"), help="pr-fast, nightly or release")
+    common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(
+        prog="gpuline",
+        description="GPU-aware CI/CD for ML repos: preflight, cost, lease, train, gate, promote, teardown.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        add_args = _ADD_ARGS.get(name)
+        if add_args is not None:
+            add_args(p)
+    return parser
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default=_env("GPULINE_PROVIDER"), help="override resources.provider")
+    p.add_argument("--stage", choices=("staging", "production"), default=_env("GPULINE_STAGE"))
+    p.add_argument("--labels", default=_env("GPULINE_PR_LABELS", ""), help="comma-separated PR labels (approvals)")
+    p.add_argument("--base-ref", default=_env("GPULINE_BASE_REF"), help="git ref to diff the estimate against")
+
+
+def _provision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--provider", default=_env("GPULINE_PROVIDER"), help="override resources.provider")
+    p.add_argument("--runner-label", default=_env("GPULINE_RUNNER_LABEL"), help="label of the runner to create")
+
+
+def _cost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", default=_env("GPULINE_PR_LABELS", ""), help="comma-separated PR labels (approvals)")
+    p.add_argument("--base-ref", default=_env("GPULINE_BASE_REF"), help="git ref to diff the estimate against")
+    p.add_argument("--no-reserve", action="store_true", help="estimate and decide only; hold no quota")
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", choices=("staging", "production"), default=_env("GPULINE_STAGE"))
+    p.add_argument("--model", default=_env("GPULINE_MODEL"), help="model name (default: from gpuline.yml)")
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to show (default: the latest)")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--events", action="store_true", help="include each run's events")
+
+
+def _reap_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--grace", default=_env("GPULINE_BOOT_GRACE", "10m"), help="boot grace period (never reap younger)")
+    p.add_argument("--provider", action="append", default=None, help="providers to sweep (default: all in use)")
+
+
+def _schema_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy-schema",
+        "--for-policy",
+        dest="for_policy",
+        action="store_true",
+        help="the schema of policy.yml instead of gpuline.yml",
+    )
+
+
+_ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "run": _run_args,
+    "cost-estimate": _cost_args,
+    "provision": _provision_args,
+    "promote": _stage_args,
+    "rollback": _stage_args,
+    "status": _status_args,
+    "reap": _reap_args,
+    "schema": _schema_args,
+}
+
+
+def _schema_alias(argv: list[str]) -> list[str]:
+    # `gpuline schema --policy` reads naturally but --policy is also the common "path of policy.yml" flag.
+    if argv[:1] == ["schema"] and "--policy" in argv:
+        argv = [a if a != "--policy" else "--policy-schema" for a in argv]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = _schema_alias(list(sys.argv[1:] if argv is None else argv))
+    if args_list and args_list[0] in STANDALONE:
+        module_name, _, func_name = STANDALONE[args_list[0]].partition(":")
+        standalone: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
+        return standalone(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.version:
+        from gpuline import __version__
+
+        print(f"gpuline {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from gpuline import gha
+    from gpuline.errors import GpulineError
+
+    gha.set_json_mode(args.json)
+    target, _ = COMMANDS[args.command]
+    module_name, _, func_name = target.partition(":")
+    try:
+        func: Callable[[argparse.Namespace], dict[str, Any]] = getattr(importlib.import_module(module_name), func_name)
+        result = func(args)
+    except GpulineError as exc:
+        _report(exc, args)
+        if args.json:
+            print(json.dumps({"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        gha.annotate("error", f"internal error: {type(exc).__name__}: {exc}", title="gpuline internal error")
+        print("this is a bug in gpuline; rerun with --debug for the traceback", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps({"ok": True, **result}, default=str, indent=2))
+    return int(result.get("exit_code", 0)) if isinstance(result.get("exit_code"), int) else 0
+
+
+def _report(exc: Exception, args: argparse.Namespace) -> None:
+    from gpuline import gha
+    from gpuline.errors import GpulineError
+
+    assert isinstance(exc, GpulineError)
+    if args.debug:
+        import traceback
+
+        traceback.print_exc()
+    message = exc.message + (f" (fix: {exc.hint})" if exc.hint else "")
+    if gha.in_actions():
+        gha.annotate("error", message, title=f"gpuline {args.command}: {exc.title}", location=exc.location)
+    else:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+    where = f" in `{exc.location.render()}`" if exc.location else ""
+    gha.append_summary(
+        f"### :x: gpuline {args.command}: {exc.title}\n\n{exc.message}{where}\n\n"
+        + (f"**Fix:** {exc.hint}\n" if exc.hint else "")
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Find the dataset, prove it is the one the spec names (sha256), and check its arrays' shapes.
+
+The npz check reads only the .npy headers inside the zip, so preflight needs neither numpy nor the
+time to load the data.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpuline.errors import ConfigError, InputError, Location
+from gpuline.spec import Spec
+
+_NPY_DTYPES = {
+    "f2": "float16",
+    "f4": "float32",
+    "f8": "float64",
+    "i1": "int8",
+    "i2": "int16",
+    "i4": "int32",
+    "i8": "int64",
+    "u1": "uint8",
+    "u2": "uint16",
+    "u4": "uint32",
+    "u8": "uint64",
+    "b1": "bool",
+}
+
+
+@dataclass
+class DatasetCheck:
+    path: Path
+    sha256: str
+    size: int
+    arrays: dict[str, dict[str, Any]]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve(spec: Spec, project_dir: Path, config_path: Path, workdir: Path | None = None) -> Path:
+    """A local path for the dataset; remote URIs are fetched into ``workdir`` first."""
+    uri = spec.dataset.uri
+    if uri.startswith("s3://"):
+        if workdir is None:
+            raise InputError("an s3:// dataset needs a work directory to download into")
+        from gpuline.storage import open_storage
+
+        bucket_and_key = uri.removeprefix("s3://")
+        bucket, _, key = bucket_and_key.partition("/")
+        target = workdir / "dataset" / Path(key).name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            open_storage(f"s3://{bucket}", project_dir).get_file(key, target)
+        return target
+    rest = uri.removeprefix("file://")
+    path = Path(rest) if Path(rest).is_absolute() else project_dir / rest
+    if not path.exists():
+        raise ConfigError(
+            f"dataset not found at {path}",
+            location=Location(config_path, field="dataset.uri"),
+            hint="fix dataset.uri (paths are relative to gpuline.yml) or create the file",
+        )
+    return path
+
+
+def check(spec: Spec, path: Path, config_path: Path, line_of: Any = None) -> DatasetCheck:
+    actual = sha256_file(path)
+    if actual != spec.dataset.sha256:
+        raise ConfigError(
+            f"dataset hash mismatch: {path.name} has sha256 {actual}, the spec expects {spec.dataset.sha256}",
+            location=Location(
+                config_path, line=line_of(("dataset", "sha256")) if line_of else None, field="dataset.sha256"
+            ),
+            hint="if the data changed on purpose, put the new hash in dataset.sha256; otherwise restore the file",
+        )
+    arrays: dict[str, dict[str, Any]] = {}
+    if spec.dataset.format == "npz":
+        arrays = npz_arrays(path)
+        _check_schema(spec, arrays, config_path, line_of)
+    return DatasetCheck(path=path, sha256=actual, size=path.stat().st_size, arrays=arrays)
+
+
+def npz_arrays(path: Path) -> dict[str, dict[str, Any]]:
+    """{name: {"dtype", "shape"}} for each array of an .npz, from the .npy headers alone."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with zf.open(name) as fh:
+                    out[name.removesuffix(".npy")] = _npy_header(fh.read(4096))
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise InputError(f"{path.name} is not a readable .npz file: {exc}", hint="regenerate the dataset") from None
+    return out
+
+
+def _npy_header(head: bytes) -> dict[str, Any]:
+    if head[:6] != b"\x93NUMPY":
+        raise ValueError("missing .npy magic")
+    major = head[6]
+    if major == 1:
+        (length,) = struct.unpack("<H", head[8:10])
+        start = 10
+    else:
+        (length,) = struct.unpack("<I", head[8:12])
+        start = 12
+    header = ast.literal_eval(head[start : start + length].decode("latin1"))
+    descr = str(header["descr"]).lstrip("<>|=")
+    return {"dtype": _NPY_DTYPES.get(descr, descr), "shape": list(header["shape"])}
+
+
+def _check_schema(spec: Spec, arrays: dict[str, dict[str, Any]], config_path: Path, line_of: Any) -> None:
+    expected = spec.dataset.schema_ or {}
+    for name, want in expected.items():
+        field = f"dataset.schema.{name}"
+        line = line_of(("dataset", "schema", name)) if line_of else None
+        got = arrays.get(name)
+        if got is None:
+            raise ConfigError(
+                f"the dataset has no array {name!r} (it has {', '.join(sorted(arrays)) or 'none'})",
+                location=Location(config_path, line=line, field=field),
+                hint="fix the schema or the dataset",
+            )
+        shape_ok = len(want.shape) == len(got["shape"]) and all(
+            w in (-1, g) for w, g in zip(want.shape, got["shape"], strict=True)
+        )
+        if got["dtype"] != want.dtype or not shape_ok:
+            raise ConfigError(
+                f"array {name!r} is {got['dtype']}{got['shape']}, the schema expects {want.dtype}{want.shape}",
+                location=Location(config_path, line=line, field=field),
+                hint="fix the schema or the dataset",
+            )

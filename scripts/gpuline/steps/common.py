@@ -1,0 +1,59 @@
+"""What every step does around its work: events in the run record, and where a failure stopped it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from gpuline import gha
+from gpuline.context import Context
+from gpuline.errors import GpulineError, RefusedError
+from gpuline.runs import RunRecord, RunStatus
+
+
+@contextmanager
+def recorded(ctx: Context, step: str) -> Iterator[None]:
+    """Append ``<step>.started`` / ``.finished`` / ``.failed`` events and keep ``stage`` current."""
+    ctx.event(f"{step}.started")
+    try:
+        yield
+    except GpulineError as exc:
+        mark_failed(ctx, step, exc)
+        raise
+    except BaseException as exc:
+        mark_failed(ctx, step, exc)
+        raise
+    ctx.event(f"{step}.finished")
+
+    def advance(r: RunRecord) -> None:
+        r.stage = step
+        if r.status == "created":
+            r.status = "running"
+
+    ctx.ledger.update_run(ctx.run_id or "", advance)
+
+
+def mark_failed(ctx: Context, step: str, exc: BaseException) -> None:
+    message = exc.one_line() if isinstance(exc, GpulineError) else f"{type(exc).__name__}: {exc}"
+    status: RunStatus = "refused" if isinstance(exc, RefusedError) else "failed"
+    ctx.event(f"{step}.failed", error=message)
+
+    def fail(r: RunRecord) -> None:
+        r.status = status
+        r.stage = step
+        r.error = message
+
+    ctx.ledger.update_run(ctx.run_id or "", fail)
+
+
+def outputs(values: dict[str, Any]) -> None:
+    """Step outputs for the calling workflow (kebab-case names)."""
+    for key, value in values.items():
+        gha.set_output(key, "" if value is None else str(value))
+
+
+def table(rows: list[tuple[str, str]], header: tuple[str, str] = ("", "")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
