@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # Commands that parse their own argv: name -> "module:main" with main(argv: list[str]) -> int.
-STANDALONE: dict[str, str] = {}
+STANDALONE: dict[str, str] = {"comment": "gpuline.commands.comment:main"}
 
 TIERS = ("pr-fast", "nightly", "release")
 

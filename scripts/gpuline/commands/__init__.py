@@ -1,0 +1,1 @@
+"""Commands that parse their own arguments (registered in ``gpuline.cli.STANDALONE``)."""
