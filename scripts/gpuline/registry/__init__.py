@@ -1,4 +1,4 @@
-"""Model registry backends, chosen by URI: ``file://dir`` (default), ``mlflow+http://host:port``."""
+"""Model registry backends, chosen by URI: ``file://dir`` (the default)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from gpuline.registry.base import ModelRegistry
 
 BACKENDS = Registry(
     "model registry backend",
-    {"file": "gpuline.registry.local:open_local", "mlflow+http": "gpuline.registry.mlflow:open_mlflow"},
-    aliases={"mlflow": "mlflow+http"},
+    {"file": "gpuline.registry.local:open_local"},
 )
 
 

@@ -23,10 +23,9 @@ def model_prefix(run_id: str) -> str:
 
 
 def train(ctx: Context) -> dict[str, Any]:
+    record = ctx.require_run()
     from gpuline.supervisor import TrainRequest, supervise
 
-    spec = ctx.spec
-    record = ctx.require_run()
     # The run keeps the tier it was created with; a later step must not train a different config.
     ctx.use_tier(record.tier)
     spec = ctx.spec
