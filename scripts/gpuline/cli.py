@@ -164,9 +164,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     from gpuline import gha
-    from gpuline.errors import GpulineError
 
     gha.set_json_mode(args.json)
+    try:
+        return _dispatch(args)
+    finally:
+        gha.set_json_mode(False)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from gpuline import gha
+    from gpuline.errors import GpulineError
+
     target, _ = COMMANDS[args.command]
     module_name, _, func_name = target.partition(":")
     try:
@@ -188,7 +197,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return 3
     if args.json:
         print(json.dumps({"ok": True, **result}, default=str, indent=2))
-    return int(result.get("exit_code", 0)) if isinstance(result.get("exit_code"), int) else 0
+    code = result.get("exit_code", 0)
+    return code if isinstance(code, int) else 0
 
 
 def _report(exc: Exception, args: argparse.Namespace) -> None:

@@ -16,6 +16,13 @@ from gpuline.runs import RunRecord, RunStatus
 def recorded(ctx: Context, step: str) -> Iterator[None]:
     """Append ``<step>.started`` / ``.finished`` / ``.failed`` events and keep ``stage`` current."""
     ctx.event(f"{step}.started")
+
+    def start(r: RunRecord) -> None:
+        # A step run again after a failure (a retried job, a resumed train) supersedes that failure.
+        if r.times.released is None:
+            r.status, r.error = "running", None
+
+    ctx.ledger.update_run(ctx.run_id or "", start)
     try:
         yield
     except GpulineError as exc:
@@ -28,8 +35,6 @@ def recorded(ctx: Context, step: str) -> Iterator[None]:
 
     def advance(r: RunRecord) -> None:
         r.stage = step
-        if r.status == "created":
-            r.status = "running"
 
     ctx.ledger.update_run(ctx.run_id or "", advance)
 
