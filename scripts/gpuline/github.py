@@ -47,7 +47,9 @@ def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def client(token: str | None = None, *, base_url: str | None = None, retries: int = 3, throttle: bool = True) -> Github:
+def client(
+    token: str | None = None, *, base_url: str | None = None, retries: int | None = None, throttle: bool = True
+) -> Github:
     """A PyGithub client for ``base_url`` (default: ``GITHUB_API_URL``), authenticated by ``token``.
 
     ``throttle=False`` drops PyGithub's pause between writes (GitHub asks for it against secondary rate
@@ -63,6 +65,8 @@ def client(token: str | None = None, *, base_url: str | None = None, retries: in
     token = token or token_from_env()
     if token:
         gha.mask(token)
+    if retries is None:
+        retries = _int_env("GPULINE_GITHUB_RETRIES", 3)
     retry = GithubRetry(total=retries, backoff_factor=0.5) if retries > 0 else None
     return Github(
         base_url=base_url or api_url(),
@@ -73,7 +77,18 @@ def client(token: str | None = None, *, base_url: str | None = None, retries: in
         seconds_between_requests=0.25 if throttle else None,
         seconds_between_writes=1.0 if throttle else None,
         user_agent="gpuline",
+        # Lazy objects: get_repo()/get_issue() cost no request until something is read or written.
+        lazy=True,
     )
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise InputError(f"{name} must be a whole number (got {value!r})", hint=f"unset {name} or give e.g. 3")
+    return int(value)
 
 
 def _status_of(exc: Exception) -> int | None:
@@ -195,7 +210,7 @@ def upsert_sticky_comment(
     gh = gh or client()
     marker = sticky_marker(key)
     try:
-        issue = gh.get_repo(pr.repo, lazy=True).get_issue(pr.number)
+        issue = gh.get_repo(pr.repo).get_issue(pr.number)
         ours = [c for c in issue.get_comments() if (c.body or "").startswith(marker)]
         if not ours:
             body = marker + "\n" + merge_sections("", sections, order)
@@ -342,7 +357,7 @@ def create_deployment(
     """
     gh = gh or client()
     try:
-        deployment = gh.get_repo(repo, lazy=True).create_deployment(
+        deployment = gh.get_repo(repo).create_deployment(
             ref=ref,
             task="deploy:model",
             auto_merge=False,
@@ -376,7 +391,7 @@ def set_deployment_status(
     if environment_url:
         kwargs["environment_url"] = environment_url
     try:
-        gh.get_repo(repo, lazy=True).get_deployment(deployment_id).create_status(state, **kwargs)
+        gh.get_repo(repo).get_deployment(deployment_id).create_status(state, **kwargs)
     except _github_errors() as exc:
         raise translate_error(
             exc, f"setting deployment {deployment_id} to {state}", permission_hint="give the job `deployments: write`"

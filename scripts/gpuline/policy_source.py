@@ -116,7 +116,7 @@ def _read_remote(ref: str, target: Path, top: Path | None, env: Mapping[str, str
     rel = _relative(target, base)
     gh = github.client(token)
     try:
-        content = gh.get_repo(repo, lazy=True).get_contents(rel, ref=ref)
+        content = gh.get_repo(repo).get_contents(rel, ref=ref)
     except github._github_errors() as exc:
         if github._status_of(exc) == 404:
             raise FileNotAtRef(
