@@ -1,0 +1,102 @@
+"""Keep the reusable workflows on the actions of their own release.
+
+Inside a reusable workflow ``uses: ./actions/x`` resolves to the *caller's* repository, so the tiers
+name their sibling actions in full: ``gpuline/gpuline/actions/x@REF``. On the main branch REF is
+``main``; the release process rewrites every such reference (and the templates' references to the
+tiers) to the tag being released, as slsa-github-generator does, so ``nightly.yml@v1.4.0`` runs
+``actions/train@v1.4.0`` and nothing else.
+
+    python scripts/release_refs.py check            # every reference agrees (CI runs this)
+    python scripts/release_refs.py set v1.4.0       # rewrite them for a release commit
+
+This file holds the repository slug; the workflows and templates are the only other places it is
+spelled out, because ``uses:`` cannot be computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+SLUG = "gpuline/gpuline"
+ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("pr-fast", "nightly", "release", "reaper")
+# Files whose self-references must all carry the same ref.
+TIER_FILES = tuple(f".github/workflows/{t}.yml" for t in TIERS)
+TEMPLATE_GLOB = "templates/workflows/*.yml"
+
+_SELF_REF = re.compile(rf"(uses:\s*{re.escape(SLUG)}/(?P<path>[\w./-]+)@)(?P<ref>[\w.+-]+)")
+_REF = re.compile(r"^(main|v\d+(\.\d+){0,2}([-+][\w.]+)?|[0-9a-f]{40})$")
+
+
+def self_references(text: str) -> list[tuple[str, str]]:
+    """(path, ref) of every ``uses: gpuline/gpuline/...@ref`` in ``text``."""
+    return [(m.group("path"), m.group("ref")) for m in _SELF_REF.finditer(text)]
+
+
+def files(root: Path = ROOT) -> list[Path]:
+    return [root / f for f in TIER_FILES if (root / f).exists()] + sorted(root.glob(TEMPLATE_GLOB))
+
+
+def check(root: Path = ROOT) -> list[str]:
+    """Problems: tiers that call ``./actions`` (the caller's repo) or refs that disagree."""
+    problems: list[str] = []
+    refs: dict[str, set[str]] = {}
+    for path in files(root):
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(root).as_posix()
+        if rel in TIER_FILES and re.search(r"uses:\s*\./actions/", text):
+            problems.append(
+                f"{rel}: uses ./actions/..., which resolves to the caller's repository; use {SLUG}/actions/...@REF"
+            )
+        for action_path, ref in self_references(text):
+            if not _REF.match(ref):
+                problems.append(f"{rel}: {SLUG}/{action_path}@{ref} is not main, a version tag or a full SHA")
+            refs.setdefault(ref, set()).add(rel)
+    if len(refs) > 1:
+        found = "; ".join(f"@{ref} in {', '.join(sorted(where))}" for ref, where in sorted(refs.items()))
+        problems.append(f"the self-references disagree: {found}")
+    return problems
+
+
+def set_ref(ref: str, root: Path = ROOT) -> list[Path]:
+    """Rewrite every self-reference to ``ref``; returns the files changed."""
+    if not _REF.match(ref):
+        raise ValueError(f"{ref!r} is not main, a version tag such as v1.4.0, or a full commit SHA")
+    changed: list[Path] = []
+    for path in files(root):
+        text = path.read_text(encoding="utf-8")
+        new = _SELF_REF.sub(lambda m: m.group(1) + ref, text)
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="fail when the self-references disagree")
+    set_parser = sub.add_parser("set", help="rewrite the self-references to REF")
+    set_parser.add_argument("ref")
+    args = parser.parse_args(argv)
+    if args.command == "set":
+        try:
+            changed = set_ref(args.ref)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for path in changed:
+            print(f"rewrote {path.relative_to(ROOT)}")
+    problems = check()
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"ok: every {SLUG} reference agrees")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
