@@ -35,7 +35,7 @@ _HASH_CHUNK = 8 * 1024 * 1024
 
 # A writer fills the temporary directory and may return the sha256 of files it already hashed while
 # writing them, which saves reading a large file a second time.
-Writer = Callable[[Path], Mapping[str, str] | None]
+Writer = Callable[[Path], object]
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,9 @@ def commit_checkpoint(
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-        known = writer(tmp) if writer is not None else None
+        returned = writer(tmp) if writer is not None else None
+        # Only a mapping counts as known hashes (a lambda around write_text returns an int).
+        known = returned if isinstance(returned, Mapping) else None
         manifest = build_manifest(tmp, run_id=run_id, step=step, wall_time=wall_time, known_sha256=known)
         for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}, reverse=True):
             fsync_dir(sub)

@@ -1,0 +1,405 @@
+"""The train supervisor end to end with a framework-free trainer: resume, preemption, restarts, limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from fixtures_training import Recorder, driver_argv, make_request, wait_for_metrics, when_metrics_reach, write_trainer
+from servers import ImdsServer, MotoServer
+
+from gpuline import checkpoints
+from gpuline.errors import InfraError, InputError
+from gpuline.storage import LocalStorage, open_storage, remote_checkpoints
+from gpuline.supervisor import check_entrypoint_imports, launch_argv, smoke_test, supervise
+
+
+def remote_steps(project: Path, run_id: str = "run-test") -> list[tuple[int, bool]]:
+    store = open_storage("file://store", project)
+    return [(c.step, c.complete) for c in remote_checkpoints(store, f"runs/{run_id}")]
+
+
+def test_fresh_run_completes_and_keeps_newest_checkpoints(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, steps=22)
+    outcome = supervise(req)
+    assert outcome.stop_reason == "completed" and outcome.exit_code == 0
+    assert outcome.resumed_from_step is None
+    assert outcome.final_step == 22
+    assert [c.step for c in outcome.checkpoints] == [15, 20, 22]
+    assert remote_steps(tmp_path) == [(15, True), (20, True), (22, True)]
+    for info in outcome.checkpoints:
+        assert info.uri.startswith("file://") and info.uri.endswith(checkpoints.step_dir_name(info.step))
+    local = checkpoints.complete(req.workdir / "checkpoints")
+    assert [s for s, _ in local] == [15, 20, 22]
+    assert outcome.checkpoints[-1].sha256 == checkpoints.manifest_sha256(local[-1][1])
+    assert outcome.eval_metrics["accuracy"] > 0.9
+    assert [s for s, _ in outcome.loss_curve] == list(range(1, 23))
+    assert outcome.loss_curve[-1][1] < outcome.loss_curve[0][1]
+    assert (outcome.output_dir / "model.json").is_file()
+    assert outcome.first_step_at is not None and outcome.last_step_at is not None
+    assert outcome.first_step_at <= outcome.last_step_at
+    assert rec.matching("starting run run-test fresh") == ["starting run run-test fresh (no checkpoint to resume from)"]
+    assert rec.matching("resuming run") == []
+    assert "done at step 22" in rec.lines
+    kinds = rec.kinds()
+    assert kinds[0] == "fresh_start" and kinds[-1] == "finished" and kinds.count("checkpoint") >= 3
+
+
+def test_a_new_machine_resumes_from_the_newest_checkpoint_in_storage(tmp_path: Path) -> None:
+    supervise(make_request(tmp_path, steps=20))
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, recorder=rec, workdir=tmp_path / "other-machine", steps=30))
+    uri = (tmp_path / "store" / "runs" / "run-test" / "step-00000020").as_uri()
+    assert rec.matching("resuming run") == [f"resuming run run-test from checkpoint step 20 ({uri})"]
+    assert rec.matching("starting run") == []
+    assert "resumed at step 20" in rec.lines
+    assert outcome.resumed_from_step == 20 and outcome.final_step == 30
+    assert [s for s, _ in outcome.loss_curve] == list(range(21, 31))
+    assert ("resume", {"step": 20, "uri": uri}) in rec.events
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    straight = supervise(make_request(tmp_path / "a", steps=30))
+    supervise(make_request(tmp_path / "b", steps=17))
+    resumed = supervise(make_request(tmp_path / "b", workdir=tmp_path / "b2", steps=30))
+    assert resumed.resumed_from_step == 17
+    assert resumed.eval_metrics == straight.eval_metrics
+
+
+def test_corrupt_newest_checkpoint_is_skipped_and_said(tmp_path: Path) -> None:
+    supervise(make_request(tmp_path, steps=20))
+    newest = tmp_path / "store" / "runs" / "run-test" / "step-00000020" / "state.json"
+    newest.write_text(newest.read_text().replace("20", "99"))
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, recorder=rec, workdir=tmp_path / "fresh-disk", steps=20))
+    skipped = rec.matching("skipping checkpoint step 20")
+    assert len(skipped) == 1 and "sha256 mismatch for state.json" in skipped[0]
+    assert rec.matching("resuming run")[0].startswith("resuming run run-test from checkpoint step 15 (")
+    assert outcome.resumed_from_step == 15
+    assert any(kind == "checkpoint_skipped" and data["step"] == 20 for kind, data in rec.events)
+
+
+def test_corrupt_local_checkpoint_falls_back_to_storage(tmp_path: Path) -> None:
+    req = make_request(tmp_path, steps=20)
+    supervise(req)
+    (req.workdir / "checkpoints" / "step-00000020" / "state.json").write_text("{}")
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, recorder=rec, steps=25))
+    assert outcome.resumed_from_step == 20  # the stored copy of the same step verified
+    assert len(rec.matching("skipping checkpoint step 20 (file://")) == 1
+
+
+def test_incomplete_upload_is_skipped_not_fatal(tmp_path: Path) -> None:
+    store = tmp_path / "store" / "runs" / "run-test" / "step-00000005"
+    store.mkdir(parents=True)
+    (store / "state.json").write_text("{}")  # no manifest: an upload that was killed
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, recorder=rec, steps=6))
+    assert outcome.resumed_from_step is None and outcome.stop_reason == "completed"
+    assert "incomplete: no manifest.json" in rec.matching("skipping checkpoint step 5")[0]
+
+
+def _corrupt_all(tmp_path: Path) -> None:
+    for state in (tmp_path / "store" / "runs" / "run-test").glob("step-*/state.json"):
+        state.write_text("garbage")
+
+
+def test_all_corrupt_is_a_clear_error(tmp_path: Path) -> None:
+    supervise(make_request(tmp_path, steps=15))
+    _corrupt_all(tmp_path)
+    with pytest.raises(InfraError) as info:
+        supervise(make_request(tmp_path, workdir=tmp_path / "new", steps=15))
+    assert "all 3 checkpoints of run run-test are corrupt" in info.value.message
+    assert "allow_fresh_start" in (info.value.hint or "")
+
+
+def test_all_corrupt_starts_fresh_when_allowed(tmp_path: Path) -> None:
+    supervise(make_request(tmp_path, steps=15))
+    _corrupt_all(tmp_path)
+    rec = Recorder()
+    outcome = supervise(
+        make_request(tmp_path, recorder=rec, workdir=tmp_path / "new", steps=15, allow_fresh_start=True)
+    )
+    assert outcome.resumed_from_step is None and outcome.final_step == 15
+    assert rec.matching("starting fresh (checkpoint.allow_fresh_start)")
+
+
+def test_sigterm_to_the_supervisor_saves_and_uploads_a_final_checkpoint(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, steps=400, sleep=0.02)
+    when_metrics_reach(
+        tmp_path / ".gpuline/runs/run-test/metrics.jsonl", 7, lambda: os.kill(os.getpid(), signal.SIGTERM)
+    )
+    outcome = supervise(req)
+    assert outcome.stop_reason == "preempted"
+    assert outcome.preemptions == 1 and outcome.restarts == 0
+    assert outcome.exit_code == 143
+    final = outcome.final_step
+    assert final is not None and 7 <= final < 400
+    assert outcome.checkpoints[-1].step == final  # the final save is durable, not just the last interval
+    assert (final, True) in remote_steps(tmp_path)
+    assert rec.matching(f"saved final checkpoint at step {final}")
+    assert ("preemption", {"source": "sigterm"}) in rec.events
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_spot_interruption_notice_stops_training(tmp_path: Path, imds_server: ImdsServer) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, steps=400, sleep=0.02)
+    req.imds_endpoint, req.imds_poll_s = imds_server.url, 0.05
+    when_metrics_reach(req.workdir / "metrics.jsonl", 5, imds_server.schedule_interruption)
+    outcome = supervise(req)
+    assert outcome.stop_reason == "preempted" and outcome.preemptions == 1
+    assert outcome.checkpoints[-1].step == outcome.final_step
+    spot = [data for kind, data in rec.events if kind == "preemption"]
+    assert spot == [{"source": "spot", "action": "terminate", "time": "2030-01-01T00:00:00Z"}]
+    assert ("PUT", "/latest/api/token") in imds_server.requests
+
+
+def test_max_duration_stops_with_a_durable_checkpoint(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, steps=10_000, sleep=0.02, max_duration_s=1.0)
+    outcome = supervise(req)
+    assert outcome.stop_reason == "max_duration"
+    assert outcome.preemptions == 0
+    assert outcome.checkpoints and outcome.checkpoints[-1].step == outcome.final_step
+    assert rec.matching("max duration of 1s reached")
+    assert "max_duration" in rec.kinds()
+
+
+def test_trainer_that_ignores_sigterm_is_killed_after_the_grace_budget(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, steps=10_000, sleep=0.02, max_duration_s=0.8, ignore_sigterm=True)
+    req.grace_s = 0.5
+    outcome = supervise(req)
+    assert outcome.stop_reason == "max_duration"
+    assert outcome.exit_code == 128 + signal.SIGKILL
+    assert rec.matching("trainer did not exit 0s after SIGTERM; killing it")
+    # Whatever interval checkpoint was committed last is still made durable.
+    assert outcome.checkpoints and outcome.checkpoints[-1].step % 5 == 0
+
+
+def test_crashed_trainer_restarts_from_the_newest_checkpoint(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, steps=20, crash_at=12, crash_marker=str(tmp_path / "crashed"))
+    outcome = supervise(req)
+    assert outcome.stop_reason == "completed" and outcome.restarts == 1 and outcome.preemptions == 0
+    assert ("restart", {"attempt": 1, "exit_code": 1, "from_step": 10}) in rec.events
+    assert "resumed at step 10" in rec.lines
+    straight = supervise(make_request(tmp_path / "straight", steps=20))
+    assert outcome.eval_metrics == straight.eval_metrics
+    assert outcome.loss_curve == straight.loss_curve
+
+
+def test_restarts_are_bounded(tmp_path: Path) -> None:
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, recorder=rec, steps=20, crash_always=12, max_restarts=1))
+    assert outcome.stop_reason == "failed" and outcome.exit_code == 1
+    assert outcome.restarts == 1
+    assert rec.matching("no restarts left (max_restarts=1)")
+    assert outcome.checkpoints[-1].step == 10
+
+
+def test_trainer_sigterm_from_outside_counts_as_preemption_and_restarts(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, steps=40, sleep=0.02)
+
+    def kill_trainer() -> None:
+        pid = json.loads((req.workdir / "trainer.pid").read_text())["pid"]
+        os.kill(pid, signal.SIGTERM)
+
+    when_metrics_reach(req.workdir / "metrics.jsonl", 8, kill_trainer)
+    outcome = supervise(req)
+    assert outcome.stop_reason == "completed" and outcome.final_step == 40
+    assert outcome.preemptions == 1 and outcome.restarts == 1
+    assert ("preemption", {"source": "trainer_sigterm", "exit_code": 143}) in rec.events
+
+
+def test_checkpoints_written_without_a_manifest_are_committed_by_the_supervisor(tmp_path: Path) -> None:
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, recorder=rec, steps=12, plain=True))
+    assert [c.step for c in outcome.checkpoints] == [5, 10, 12]
+    for step in (5, 10, 12):
+        assert checkpoints.verify(tmp_path / "store" / "runs" / "run-test" / checkpoints.step_dir_name(step)).ok
+    assert rec.matching("committed a manifest for checkpoint step 12")
+
+
+def test_sigkill_of_the_supervisor_then_rerun_resumes(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    write_trainer(tmp_path)
+    proc = subprocess.Popen(
+        driver_argv(tmp_path, workdir, steps=400, sleep=0.02), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    wait_for_metrics(workdir / "metrics.jsonl", 12)
+    proc.kill()
+    proc.wait()
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, recorder=rec, workdir=workdir, steps=30))
+    assert outcome.resumed_from_step is not None and outcome.resumed_from_step >= 10
+    assert outcome.final_step == 30 and outcome.stop_reason == "completed"
+    assert len(rec.matching("resuming run run-test from checkpoint step")) == 1
+
+
+def test_a_second_supervisor_for_the_same_run_is_refused(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(driver_argv(tmp_path, workdir, steps=400, sleep=0.02), stdout=subprocess.DEVNULL)
+    try:
+        wait_for_metrics(workdir / "metrics.jsonl", 2)
+        with pytest.raises(InfraError, match="already training run run-test"):
+            supervise(make_request(tmp_path, workdir=workdir))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_s3_storage_end_to_end(tmp_path: Path, aws_env: MotoServer) -> None:
+    boto3.client("s3").create_bucket(Bucket="ckpts")
+    store = open_storage("s3://ckpts/team", tmp_path)
+    supervise(make_request(tmp_path, storage=store, steps=12))
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, storage=store, recorder=rec, workdir=tmp_path / "w2", steps=16))
+    assert rec.matching("resuming run") == [
+        "resuming run run-test from checkpoint step 12 (s3://ckpts/team/runs/run-test/step-00000012)"
+    ]
+    assert outcome.checkpoints[-1].uri == "s3://ckpts/team/runs/run-test/step-00000016"
+
+
+class FailingStorage(LocalStorage):
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None) -> None:
+        raise InfraError("the store is down")
+
+
+def test_final_checkpoint_that_cannot_be_made_durable_is_an_error(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, storage=FailingStorage(tmp_path / "s"), steps=6)
+    with pytest.raises(InfraError, match="final checkpoint of run run-test could not be uploaded"):
+        supervise(req)
+
+
+def test_missing_command_is_an_input_error(tmp_path: Path) -> None:
+    req = make_request(tmp_path)
+    req.command = ["definitely-not-a-command-gpuline"]
+    with pytest.raises(InputError, match="entrypoint command not found"):
+        supervise(req)
+
+
+def test_keep_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(InputError):
+        supervise(make_request(tmp_path, keep=0))
+
+
+# ---------------------------------------------------------------- launching
+
+
+def test_launch_argv_single_process_is_the_command() -> None:
+    assert launch_argv(["python", "t.py"], run_id="r", nnodes=1, nprocs_per_node=1, rdzv=None) == ["python", "t.py"]
+
+
+def test_launch_argv_wraps_torchrun() -> None:
+    argv = launch_argv(["/venv/bin/python", "t.py", "--x"], run_id="r", nnodes=1, nprocs_per_node=2, rdzv=None)
+    assert argv[:3] == ["/venv/bin/python", "-m", "torch.distributed.run"]
+    assert "--standalone" in argv and "--nproc-per-node=2" in argv and argv[-2:] == ["t.py", "--x"]
+    multi = launch_argv(["python", "t.py"], run_id="r", nnodes=2, nprocs_per_node=1, rdzv="10.0.0.1:29400")
+    assert {"--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=r", "--nnodes=2"} <= set(multi)
+    binary = launch_argv(["./train"], run_id="r", nnodes=1, nprocs_per_node=2, rdzv=None)
+    assert binary[0] == sys.executable and binary[-2:] == ["--no-python", "./train"]
+
+
+def test_multi_node_needs_a_rendezvous_endpoint() -> None:
+    with pytest.raises(InputError, match="no rendezvous endpoint"):
+        launch_argv(["python", "t.py"], run_id="r", nnodes=2, nprocs_per_node=1, rdzv=None)
+
+
+# ---------------------------------------------------------------- preflight helpers
+
+
+def _smoke(tmp_path: Path, timeout_s: float = 60, **hp: object) -> object:
+    script = write_trainer(tmp_path)
+    return smoke_test([sys.executable, script.name], tmp_path, None, hp, timeout_s)
+
+
+def test_smoke_test_reports_falling_loss(tmp_path: Path) -> None:
+    result = _smoke(tmp_path)
+    assert getattr(result, "fell") is True
+    assert len(getattr(result, "losses")) == 20
+    assert getattr(result, "step_seconds") == pytest.approx(0.01)
+
+
+def test_smoke_test_reports_flat_loss(tmp_path: Path) -> None:
+    result = _smoke(tmp_path, smoke_flat=True)
+    assert getattr(result, "fell") is False
+
+
+@pytest.mark.parametrize(
+    ("hp", "message"),
+    [
+        ({"smoke_fail": True}, "exited with code 2: ValueError: labels out of range"),
+        ({"smoke_silent": True}, "wrote no losses to GPULINE_METRICS_PATH"),
+    ],
+)
+def test_smoke_test_failures_are_input_errors(tmp_path: Path, hp: dict[str, object], message: str) -> None:
+    with pytest.raises(InputError) as info:
+        _smoke(tmp_path, **hp)
+    assert message in info.value.message
+    assert info.value.hint
+
+
+def test_smoke_test_timeout(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(InputError, match="did not finish within 1s"):
+        _smoke(tmp_path, timeout_s=1, smoke_hang=True)
+    assert time.monotonic() - started < 30  # the hanging child was killed, not waited for
+
+
+def test_import_check_passes_and_does_not_run_main(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("import json\nif __name__ == '__main__':\n    raise SystemExit('ran main')\n")
+    check_entrypoint_imports(script, tmp_path)
+
+
+def test_import_check_names_the_missing_module_and_line(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text("import os\n\nimport definitely_missing_module_gpuline\n")
+    with pytest.raises(InputError) as info:
+        check_entrypoint_imports(script, tmp_path)
+    err = info.value
+    assert "ModuleNotFoundError" in err.message and "definitely_missing_module_gpuline" in err.message
+    assert err.location is not None and err.location.line == 3
+    assert err.hint and "definitely_missing_module_gpuline" in err.hint
+
+
+def test_import_check_finds_sibling_modules(tmp_path: Path) -> None:
+    (tmp_path / "helpers.py").write_text("X = 1\n")
+    script = tmp_path / "train.py"
+    script.write_text("from helpers import X\n")
+    check_entrypoint_imports(script, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("source", "message", "line"),
+    [
+        ("def broken(:\n", "syntax error", 1),
+        ("x = 1\nraise RuntimeError('needs a GPU')\n", "raised RuntimeError: needs a GPU", 2),
+        ("import os\nos._exit(4)\n", "ended the interpreter (exit 4)", None),
+    ],
+)
+def test_import_check_other_failures(tmp_path: Path, source: str, message: str, line: int | None) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(source)
+    with pytest.raises(InputError) as info:
+        check_entrypoint_imports(script, tmp_path)
+    assert message in info.value.message
+    assert info.value.location is not None and info.value.location.line == line
+
+
+def test_import_check_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        check_entrypoint_imports(tmp_path / "nope.py", tmp_path)
