@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("gpuline.steps.status:run", "show run records"),
     "reap": ("gpuline.steps.reap:run", "find and release leaked machines and expired reservations"),
     "schema": ("gpuline.steps.schema:run", "print the JSON Schema of gpuline.yml or policy.yml"),
+    "report": ("gpuline.steps.report:run", "GPU-hours, dollars, idle time and refusals per team and week"),
 }
 
 # Commands that parse their own argv: name -> "module:main" with main(argv: list[str]) -> int.
@@ -124,6 +125,11 @@ def _schema_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weeks", type=int, default=4, help="how many ISO weeks back, this one included")
+    p.add_argument("--team", default=None, help="only this team")
+
+
 _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "run": _run_args,
     "cost-estimate": _cost_args,
@@ -133,6 +139,7 @@ _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "status": _status_args,
     "reap": _reap_args,
     "schema": _schema_args,
+    "report": _report_args,
 }
 
 

@@ -1,27 +1,57 @@
-"""What a run will cost: duration estimate x catalog price x the provider's billing increments."""
+"""What a run will cost: a duration estimate x the catalog's price x the provider's billing increments.
+
+The duration comes from the best evidence at hand, and always says which it used:
+
+1. ``history``: finished runs of the same model and config hash in the ledger (training wall time,
+   first step to last step), with a robust trend so a dataset that grows every night is followed;
+2. ``smoke``: the spec's step count x the step time the CPU smoke test measured in preflight x the
+   catalog's CPU-to-GPU speed ratio;
+3. ``max_duration``: the spec's hard stop, labelled as an upper bound.
+
+A lease is billed from the machine starting, not from the first step, so the estimate adds the
+start-up time: measured from history when there is some, else the provider's ``startup_s``.
+"""
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from gpuline.pricing import Catalog, Instance
-from gpuline.runs import Ledger
+from gpuline.runs import Ledger, RunRecord
 from gpuline.spec import Spec
 
 Basis = Literal["history", "smoke", "max_duration"]
 
 MIN_HISTORY = 3
+"""Fewer finished runs than this are not a history: one odd run would set the estimate."""
+HISTORY_WINDOW = 30
+"""Only the most recent runs count, so an old regime (a smaller dataset, older code) fades out."""
+TREND_MIN = 8
+"""From this many runs on, a trend is fitted instead of taking the plain median."""
+SMOKE_P90_FACTOR = 1.5
+"""Without history there is no measured spread; p90 is p50 x this, and the note says so."""
+STEP_KEYS = ("steps", "max_steps", "train_steps", "total_steps")
 
 
 @dataclass
 class DurationEstimate:
+    """Training wall time (first step to last step), plus the billed start-up before it."""
+
     p50_s: float
     p90_s: float
     basis: Basis
     runs: int = 0
     note: str = ""
+    startup_s: float = 0.0
+    startup_note: str = ""
+    trend_pct_per_run: float | None = None
+
+    @property
+    def upper_bound(self) -> bool:
+        return self.basis == "max_duration"
 
 
 @dataclass
@@ -39,10 +69,18 @@ class CostEstimate:
     gpu_hours_p90: float
     usd_p50: float
     usd_p90: float
-    # What the run may spend at most before its TTL stops it: this is what quota reserves.
+    # What the run may spend at most before max_duration stops it: this is what quota reserves.
     gpu_hours_cap: float
     usd_cap: float
     catalog_version: str
+    billing_increment_s: int = 1
+    billing_minimum_s: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lease_p50_s(self) -> float:
+        """Seconds the machine is expected to be held (start-up + training p50)."""
+        return self.duration.startup_s + self.duration.p50_s
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,45 +92,157 @@ def device_count(instance: Instance, nodes: int) -> int:
     return max(instance.gpus, 1) * nodes
 
 
-def estimate_duration(spec: Spec, ledger: Ledger | None, smoke_step_s: float | None = None) -> DurationEstimate:
-    """p50/p90 from finished runs of the same config; else from a measured step time; else the max duration."""
+# ---------------------------------------------------------------- duration
+
+
+@dataclass
+class HistorySample:
+    training_s: float
+    held_s: float | None
+
+
+def history_samples(records: Sequence[RunRecord], config_hash: str) -> list[HistorySample]:
+    """Finished runs of one config, oldest first, with their training and lease-held seconds."""
+    samples: list[tuple[Any, HistorySample]] = []
+    for r in records:
+        t = r.times
+        if r.lineage.config_hash != config_hash or r.status != "succeeded":
+            continue
+        if t.first_step is None or t.last_step is None:
+            continue
+        training = (t.last_step - t.first_step).total_seconds()
+        if training <= 0:
+            continue
+        held = (t.released - t.provisioned).total_seconds() if t.released and t.provisioned else None
+        samples.append((t.first_step, HistorySample(training, held if held and held >= training else None)))
+    samples.sort(key=lambda pair: pair[0])
+    return [s for _, s in samples]
+
+
+def from_history(durations: Sequence[float]) -> tuple[float, float, float | None]:
+    """(p50, p90, trend per run as a fraction) of the next run, from durations oldest first.
+
+    With enough runs a Theil-Sen line (the median of all pairwise slopes: one outlier cannot tilt it)
+    is extrapolated one run ahead; the spread around the line gives p90. With few runs, the plain
+    median and 90th percentile.
+    """
+    window = list(durations[-HISTORY_WINDOW:])
+    n = len(window)
+    if n == 0:
+        raise ValueError("no durations")
+    if n < TREND_MIN:
+        p50 = statistics.median(window)
+        p90 = statistics.quantiles(window, n=10, method="inclusive")[8] if n >= 2 else p50
+        return p50, max(p90, p50), None
+    slopes = [(window[j] - window[i]) / (j - i) for i in range(n) for j in range(i + 1, n)]
+    slope = statistics.median(slopes)
+    intercept = statistics.median(y - slope * x for x, y in enumerate(window))
+    residuals = [y - (intercept + slope * x) for x, y in enumerate(window)]
+    # Extrapolate one run ahead, but never far outside what was actually observed.
+    predicted = intercept + slope * n
+    predicted = min(max(predicted, 0.5 * min(window)), 1.5 * max(window))
+    spread = statistics.quantiles(residuals, n=10, method="inclusive")[8] - statistics.median(residuals)
+    p90 = predicted + max(spread, 0.0)
+    level = statistics.median(window)
+    return predicted, p90, (slope / level if level > 0 else None)
+
+
+def spec_steps(spec: Spec) -> int | None:
+    for key in STEP_KEYS:
+        value = spec.hyperparameters.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def estimate_duration(
+    spec: Spec,
+    ledger: Ledger | None,
+    smoke_step_s: float | None = None,
+    catalog: Catalog | None = None,
+) -> DurationEstimate:
+    """p50/p90 training time from history, else from the smoke test, else the max duration (an upper bound)."""
     max_s = float(spec.resources.max_duration)
+    samples: list[HistorySample] = []
     if ledger is not None:
-        config_hash = spec.config_hash()
-        past = [
-            r.gpu_seconds / max(r.gpu_count, 1) / max(spec.resources.nodes, 1)
-            for r in ledger.list_runs(model=spec.model.name, limit=200)
-            if r.lineage.config_hash == config_hash and r.status == "succeeded" and r.gpu_seconds > 0
-        ]
-        if len(past) >= MIN_HISTORY:
-            p50 = statistics.median(past)
-            p90 = statistics.quantiles(past, n=10, method="inclusive")[8]
-            return DurationEstimate(
-                min(p50, max_s),
-                min(p90, max_s),
-                "history",
-                len(past),
-                f"from {len(past)} finished runs of this config",
-            )
-    steps = spec.hyperparameters.get("steps")
-    if smoke_step_s is not None and isinstance(steps, int) and steps > 0:
-        seconds = min(steps * smoke_step_s, max_s)
-        return DurationEstimate(seconds, min(seconds * 1.5, max_s), "smoke", 0, "steps x measured step time")
-    return DurationEstimate(max_s, max_s, "max_duration", 0, "upper bound: no history for this config yet")
+        samples = history_samples(ledger.list_runs(model=spec.model.name, limit=500), spec.config_hash())
+    startup_s, startup_note = _startup(spec, catalog, samples)
+    if len(samples) >= MIN_HISTORY:
+        p50, p90, trend = from_history([s.training_s for s in samples])
+        used = min(len(samples), HISTORY_WINDOW)
+        note = f"from the last {used} finished runs of this config"
+        if trend is not None:
+            note += f" (trend {trend * 100:+.1f}% per run)"
+        if p90 > max_s:
+            note += "; capped at max_duration"
+        return DurationEstimate(min(p50, max_s), min(p90, max_s), "history", used, note, startup_s, startup_note, trend)
+    steps = spec_steps(spec)
+    factor, factor_note = _speed_factor(spec, catalog)
+    if smoke_step_s is not None and smoke_step_s > 0 and steps is not None and factor is not None:
+        p50 = min(steps * smoke_step_s * factor, max_s)
+        p90 = min(p50 * SMOKE_P90_FACTOR, max_s)
+        note = (
+            f"{steps} steps x {smoke_step_s * 1000:.1f} ms/step measured on CPU{factor_note}; "
+            f"p90 = {SMOKE_P90_FACTOR:g} x p50 until there is history"
+        )
+        if len(samples):
+            note += f" ({len(samples)} finished run(s) so far, {MIN_HISTORY} needed)"
+        return DurationEstimate(p50, p90, "smoke", 0, note, startup_s, startup_note)
+    missing = []
+    if smoke_step_s is None:
+        missing.append("no smoke-test step time (run `gpuline preflight` first)")
+    if steps is None:
+        missing.append(f"no step count in hyperparameters ({', '.join(STEP_KEYS[:2])})")
+    if factor is None:
+        missing.append(factor_note.strip("; "))
+    note = "upper bound (max_duration): no history for this config yet"
+    if missing:
+        note += "; " + "; ".join(missing)
+    return DurationEstimate(max_s, max_s, "max_duration", 0, note, startup_s, startup_note)
+
+
+def _speed_factor(spec: Spec, catalog: Catalog | None) -> tuple[float | None, str]:
+    """Multiply a CPU step time by this to get the GPU's; None when the catalog cannot say."""
+    gpu = spec.resources.gpu_type
+    if gpu == "cpu":
+        return 1.0, ""
+    if catalog is None:
+        return None, "; no pricing catalog to convert CPU to GPU step time"
+    cpu, target = catalog.speed("cpu"), catalog.speed(gpu)
+    if cpu is None or target is None or target <= 0:
+        return None, f"; the catalog has no gpu_speed for {'cpu' if cpu is None else gpu}"
+    return cpu / target, f" / {target / cpu:g} ({gpu} vs CPU speed from the catalog)"
+
+
+def _startup(spec: Spec, catalog: Catalog | None, samples: list[HistorySample]) -> tuple[float, str]:
+    overheads = [s.held_s - s.training_s for s in samples[-HISTORY_WINDOW:] if s.held_s is not None]
+    if len(overheads) >= MIN_HISTORY:
+        return statistics.median(overheads), f"median of {len(overheads)} past leases"
+    prices = catalog.providers.get(spec.resources.provider) if catalog else None
+    if prices is not None:
+        return float(prices.startup_s), f"catalog startup_s for {spec.resources.provider}"
+    return 0.0, "unknown (no catalog entry)"
+
+
+# ---------------------------------------------------------------- price
 
 
 def estimate(spec: Spec, catalog: Catalog, duration: DurationEstimate) -> CostEstimate:
     res = spec.resources
-    name, instance = catalog.choose(res.provider, res.gpu_type, res.gpu_count, res.instance_type)
+    name, instance = catalog.choose(res.provider, res.gpu_type, res.gpu_count, res.instance_type, res.lane)
     billing = catalog.provider(res.provider).billing
     hourly = instance.hourly(res.lane)
     devices = device_count(instance, res.nodes)
+    startup = duration.startup_s
+    notes: list[str] = []
+    if res.lane == "spot" and not instance.has_spot():
+        notes.append(f"{name} has no spot price in the catalog: priced on-demand")
 
     def usd(seconds: float) -> float:
-        return round(billing.billed_seconds(seconds) / 3600 * hourly * res.nodes, 4)
+        return round(billing.billed_seconds(startup + seconds) / 3600 * hourly * res.nodes, 4)
 
     def gpu_hours(seconds: float) -> float:
-        return round(seconds / 3600 * devices, 4)
+        return round((startup + seconds) / 3600 * devices, 4)
 
     return CostEstimate(
         provider=res.provider,
@@ -111,12 +261,35 @@ def estimate(spec: Spec, catalog: Catalog, duration: DurationEstimate) -> CostEs
         gpu_hours_cap=gpu_hours(res.max_duration),
         usd_cap=usd(res.max_duration),
         catalog_version=catalog.version,
+        billing_increment_s=billing.increment_s,
+        billing_minimum_s=billing.minimum_s,
+        notes=notes,
     )
 
 
+def billing_text(est: CostEstimate) -> str:
+    """How the provider rounds, in words: "billed per second, 60 s minimum"."""
+    text = f"billed per {_span(est.billing_increment_s)}"
+    if est.billing_minimum_s > est.billing_increment_s:
+        text += f", {_span(est.billing_minimum_s, count=True)} minimum"
+    return text
+
+
+def _span(seconds: int, count: bool = False) -> str:
+    """``3600`` -> "hour" (or "1 h" with ``count``), ``60`` -> "minute", ``1`` -> "second"."""
+    for size, unit, short in ((3600, "hour", "h"), (60, "minute", "min"), (1, "second", "s")):
+        if seconds >= size and seconds % size == 0:
+            n = seconds // size
+            if count:
+                return f"{n} {short}"
+            return unit if n == 1 else f"{n} {unit}s"
+    return f"{seconds} s"
+
+
 def actual_cost(catalog: Catalog, provider: str, instance_type: str, lane: str, nodes: int, seconds: float) -> float:
-    prices = catalog.provider(provider)
-    instance = prices.instances.get(instance_type)
-    if instance is None:
+    """What a lease held for ``seconds`` costs, with the provider's rounding (0 when the catalog lacks it)."""
+    prices = catalog.providers.get(provider)
+    instance = prices.instances.get(instance_type) if prices else None
+    if prices is None or instance is None:
         return 0.0
     return round(prices.billing.billed_seconds(seconds) / 3600 * instance.hourly(lane) * nodes, 4)

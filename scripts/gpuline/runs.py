@@ -102,6 +102,8 @@ class RunRecord(_Record):
     idle_seconds: float = 0.0
     estimated_usd: float | None = None
     estimated_gpu_hours: float | None = None
+    estimated_seconds: float | None = None
+    """Seconds the lease is expected to be held (start-up + p50 training), from cost-estimate; queue waits use it."""
     actual_usd: float | None = None
     preemptions: int = 0
     restarts: int = 0

@@ -1,0 +1,146 @@
+"""report: what each team spent per week, and what it got for it.
+
+Per team and ISO week (of the run's creation): runs, GPU-hours, dollars, idle GPU-seconds (lease
+start to first step, last step to release, as teardown measured them), preemptions, runs refused
+before any GPU was bought, promotions and the cost per promotion. Markdown for people and the job
+summary, JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from gpuline import gha
+from gpuline.context import Context
+from gpuline.errors import InputError
+from gpuline.runs import RunRecord, period_key, utcnow
+
+DEFAULT_WEEKS = 4
+DEFAULT_LIMIT = 5000
+
+
+@dataclass
+class WeekRow:
+    team: str
+    week: str
+    runs: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    refused_before_gpu: int = 0
+    gpu_hours: float = 0.0
+    usd: float = 0.0
+    estimated_usd: float = 0.0
+    idle_gpu_seconds: float = 0.0
+    preemptions: int = 0
+    promotions: int = 0
+
+    @property
+    def usd_per_promotion(self) -> float | None:
+        return round(self.usd / self.promotions, 4) if self.promotions else None
+
+    @property
+    def idle_share(self) -> float | None:
+        """Idle GPU-seconds as a share of all GPU-seconds paid for."""
+        total = self.gpu_hours * 3600
+        return round(self.idle_gpu_seconds / total, 4) if total > 0 else None
+
+    def add(self, r: RunRecord) -> None:
+        self.runs += 1
+        self.succeeded += r.status == "succeeded"
+        self.failed += r.status == "failed"
+        # Refused before any GPU was bought: the refusal saved the whole cost of the run.
+        self.refused_before_gpu += r.status == "refused" and r.times.provisioned is None
+        self.gpu_hours += r.gpu_seconds / 3600
+        self.usd += r.actual_usd or 0.0
+        self.estimated_usd += r.estimated_usd or 0.0
+        self.idle_gpu_seconds += r.idle_seconds
+        self.preemptions += r.preemptions
+        self.promotions += r.promoted_version is not None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["gpu_hours"] = round(self.gpu_hours, 4)
+        out["usd"] = round(self.usd, 4)
+        out["estimated_usd"] = round(self.estimated_usd, 4)
+        out["idle_gpu_seconds"] = round(self.idle_gpu_seconds, 1)
+        out["usd_per_promotion"] = self.usd_per_promotion
+        out["idle_share"] = self.idle_share
+        return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    weeks = getattr(args, "weeks", DEFAULT_WEEKS)
+    if weeks < 1:
+        raise InputError(f"--weeks {weeks} must be at least 1", hint="pass --weeks 4 for the last four weeks")
+    ctx = Context.from_args(args)
+    records = ctx.ledger.list_runs(team=getattr(args, "team", None) or None, limit=DEFAULT_LIMIT)
+    rows = weekly(records, weeks_back(weeks))
+    markdown = render(rows, records)
+    if not args.json:
+        gha.info(markdown)
+    gha.append_summary(markdown)
+    return {"weeks": [row.to_json() for row in rows], "runs_read": len(records)}
+
+
+def weeks_back(count: int) -> list[str]:
+    """The ``count`` ISO weeks up to this one, oldest first."""
+    now = utcnow()
+    return [period_key(now - timedelta(weeks=i), "week") for i in range(count - 1, -1, -1)]
+
+
+def weekly(records: Iterable[RunRecord], weeks: Sequence[str]) -> list[WeekRow]:
+    wanted = set(weeks)
+    rows: dict[tuple[str, str], WeekRow] = {}
+    for r in records:
+        week = period_key(r.created_at, "week")
+        if week not in wanted:
+            continue
+        rows.setdefault((r.team, week), WeekRow(r.team, week)).add(r)
+    return [rows[key] for key in sorted(rows)]
+
+
+def render(rows: Sequence[WeekRow], records: Sequence[RunRecord]) -> str:
+    if not rows:
+        return "### gpuline report\n\nNo runs in these weeks."
+    header = (
+        "| team | week | runs | GPU-hours | cost | estimated | idle GPU-s | preemptions "
+        "| refused before a GPU | promotions | cost per promotion |"
+    )
+    lines = ["### gpuline report", "", header, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        per = f"${row.usd_per_promotion:,.2f}" if row.usd_per_promotion is not None else "—"
+        idle = f"{row.idle_gpu_seconds:,.0f}" + (f" ({row.idle_share:.0%})" if row.idle_share is not None else "")
+        lines.append(
+            f"| {row.team} | {row.week} | {row.runs} | {row.gpu_hours:,.2f} | ${row.usd:,.2f} | "
+            f"${row.estimated_usd:,.2f} | {idle} | {row.preemptions} | {row.refused_before_gpu} | "
+            f"{row.promotions} | {per} |"
+        )
+    chart = cost_chart(records, 30)
+    return "\n".join(lines) + ("\n\n" + chart if chart else "")
+
+
+def cost_chart(records: Iterable[RunRecord], last: int) -> str:
+    """A mermaid xychart of the actual cost of the last ``last`` finished runs (bars), estimate as a line."""
+    done = sorted((r for r in records if r.actual_usd is not None), key=lambda r: r.created_at)[-last:]
+    if len(done) < 2:
+        return ""
+    labels = ", ".join(f'"{r.created_at:%m-%d} {r.run_id[-4:]}"' for r in done)
+    actual = [r.actual_usd or 0.0 for r in done]
+    estimated = [r.estimated_usd for r in done]
+    top = max([*actual, *(e for e in estimated if e is not None)]) or 1.0
+    lines = [
+        "```mermaid",
+        "xychart-beta",
+        f'  title "Cost per run, last {len(done)} runs (USD; bars actual, line estimate p90)"',
+        f"  x-axis [{labels}]",
+        f'  y-axis "USD" 0 --> {top * 1.1:.2f}',
+        f"  bar [{', '.join(f'{v:.2f}' for v in actual)}]",
+    ]
+    if all(e is not None for e in estimated):
+        lines.append(f"  line [{', '.join(f'{e or 0.0:.2f}' for e in estimated)}]")
+    lines.append("```")
+    return "\n".join(lines) + "\n"
