@@ -41,23 +41,32 @@ def files(root: Path = ROOT) -> list[Path]:
 
 
 def check(root: Path = ROOT) -> list[str]:
-    """Problems: tiers that call ``./actions`` (the caller's repo) or refs that disagree."""
+    """Problems: tiers calling ``./actions`` (the caller's repo), or self-references that disagree.
+
+    The tiers must all name one ref (``main`` between releases, the tag on a release commit); the
+    templates must all name one version tag or SHA, never ``main``: users copy them.
+    """
     problems: list[str] = []
-    refs: dict[str, set[str]] = {}
+    tier_refs: dict[str, set[str]] = {}
+    template_refs: dict[str, set[str]] = {}
     for path in files(root):
         text = path.read_text(encoding="utf-8")
         rel = path.relative_to(root).as_posix()
-        if rel in TIER_FILES and re.search(r"uses:\s*\./actions/", text):
+        is_tier = rel in TIER_FILES
+        if is_tier and re.search(r"uses:\s*\./actions/", text):
             problems.append(
                 f"{rel}: uses ./actions/..., which resolves to the caller's repository; use {SLUG}/actions/...@REF"
             )
         for action_path, ref in self_references(text):
             if not _REF.match(ref):
                 problems.append(f"{rel}: {SLUG}/{action_path}@{ref} is not main, a version tag or a full SHA")
-            refs.setdefault(ref, set()).add(rel)
-    if len(refs) > 1:
-        found = "; ".join(f"@{ref} in {', '.join(sorted(where))}" for ref, where in sorted(refs.items()))
-        problems.append(f"the self-references disagree: {found}")
+            elif not is_tier and ref == "main":
+                problems.append(f"{rel}: {SLUG}/{action_path}@main in a template; pin a version")
+            (tier_refs if is_tier else template_refs).setdefault(ref, set()).add(rel)
+    for kind, refs in (("tiers", tier_refs), ("templates", template_refs)):
+        if len(refs) > 1:
+            found = "; ".join(f"@{ref} in {', '.join(sorted(where))}" for ref, where in sorted(refs.items()))
+            problems.append(f"the {kind}' self-references disagree: {found}")
     return problems
 
 
@@ -67,6 +76,9 @@ def set_ref(ref: str, root: Path = ROOT) -> list[Path]:
         raise ValueError(f"{ref!r} is not main, a version tag such as v1.4.0, or a full commit SHA")
     changed: list[Path] = []
     for path in files(root):
+        is_template = path.relative_to(root).as_posix() not in TIER_FILES
+        if is_template and ref == "main":
+            continue  # templates keep the last released version between releases
         text = path.read_text(encoding="utf-8")
         new = _SELF_REF.sub(lambda m: m.group(1) + ref, text)
         if new != text:
