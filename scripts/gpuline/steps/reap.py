@@ -1,97 +1,422 @@
 """reap: reconcile what providers hold against the run records, and release what leaked.
 
-A machine is reaped when its run is finished (lease released) or its TTL has passed; a machine
-younger than the boot grace period is left alone, since its run may not have recorded it yet.
-Reservations whose TTL passed are released too.
+A machine is reaped when its TTL has passed, when its run is finished (or its lease released), or
+when its run was *abandoned*: the lease's holder, the ``gpuline run`` process or the workflow run
+that would have torn it down, is gone. A machine younger than the boot grace period is always left
+alone, whatever else is true, since its run may not have recorded it yet. A machine whose run this
+ledger does not know is left to its TTL: it may belong to another ledger.
+
+Then the ledger side: leases and runs left open by a dead holder are closed (the run is settled at
+what it cost, its quota reservation returned), reservations past their TTL are released, and stale
+single-use GitHub runners of finished runs are deleted when a token is at hand.
+``--dry-run`` prints the plan and changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import asdict, dataclass
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import GpulineError, NotFoundError
-from gpuline.providers import open_provider
-from gpuline.providers.base import Machine
-from gpuline.runs import Ledger, utcnow
+from gpuline.providers import PROVIDERS, open_provider
+from gpuline.providers.base import Machine, Provider
+from gpuline.runs import LeaseRecord, Ledger, RunRecord, utcnow
 from gpuline.spec import parse_duration
+from gpuline.steps.common import outputs, table
+from gpuline.steps.provision import RUNNER_SCOPE_ENV, boot_id, process_start
+
+# Configurations of providers seen in leases this recent are swept (a machine cannot outlive its TTL).
+LOOKBACK = timedelta(days=7)
+FINISHED = ("succeeded", "failed", "refused")
 
 
 @dataclass
 class Action:
-    kind: str  # "terminate" | "release-reservation" | "release-lease" | "keep"
+    # "terminate" | "keep" | "close-run" | "release-lease" | "release-reservation" | "delete-runner" | "error"
+    kind: str
     target: str
     reason: str
     provider: str = ""
+    run_id: str = ""
     done: bool = False
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One provider configuration to list machines with."""
+
+    provider: str
+    options_json: str = "{}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.options_json)
+        return loaded
+
+
+@dataclass
+class Plan:
+    leases: dict[str, LeaseRecord] = field(default_factory=dict)
+    actions: list[Action] = field(default_factory=list)
+    kept_runs: set[str] = field(default_factory=set)
+    seen_leases: set[str] = field(default_factory=set)
+
+    def add(self, action: Action) -> Action:
+        self.actions.append(action)
+        return action
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = Context.from_args(args)
     grace = timedelta(seconds=parse_duration(args.grace))
-    providers = args.provider or sorted({lease.provider for lease in ctx.ledger.leases()} | {"local"})
-    actions = reap(ctx, providers, grace, dry_run=args.dry_run)
+    sweeps = sweep_targets(ctx, args.provider)
+    actions = reap(ctx, sweeps, grace, dry_run=args.dry_run)
     for a in actions:
-        state = "would" if args.dry_run else ("did" if a.done else "skip")
+        state = "would" if args.dry_run and a.kind not in ("keep", "error") else ("did" if a.done else "-")
         gha.info(f"{state:5} {a.kind:20} {a.target:40} {a.reason}")
     if not actions:
         gha.info("nothing to reap")
-    return {"dry_run": args.dry_run, "actions": [asdict(a) for a in actions]}
+    changed = [a for a in actions if a.kind not in ("keep", "error")]
+    rows = [(f"{a.kind} `{a.target}`", ("planned: " if args.dry_run else "") + a.reason) for a in actions]
+    title = "### gpuline reap" + (" (dry run)" if args.dry_run else "")
+    gha.append_summary(title + "\n\n" + (table(rows, ("action", "why")) if rows else "Nothing to reap."))
+    outputs(
+        {
+            "terminated": sum(1 for a in actions if a.kind == "terminate" and a.done),
+            "planned": len(changed),
+            "errors": sum(1 for a in actions if a.kind == "error"),
+        }
+    )
+    return {
+        "dry_run": args.dry_run,
+        "swept": [s.provider for s in sweeps],
+        "actions": [asdict(a) for a in actions],
+    }
+
+
+# ---------------------------------------------------------------- what to sweep
+
+
+def sweep_targets(ctx: Context, names: list[str] | None = None, *, now: datetime | None = None) -> list[Sweep]:
+    """Providers with leases in the ledger (with the options their runs used) plus the configured one.
+
+    ``names`` narrows the sweep to those providers."""
+    now = now or utcnow()
+    wanted = {PROVIDERS.canonical(n) for n in names} if names else None
+    found: dict[Sweep, None] = {}
+    runs: dict[str, RunRecord | None] = {}
+    for lease in ctx.ledger.leases():
+        if lease.released_at is not None and now - lease.requested_at > LOOKBACK:
+            continue
+        if lease.run_id not in runs:
+            runs[lease.run_id] = _get_run(ctx.ledger, lease.run_id)
+        record = runs[lease.run_id]
+        options = dict(record.resolved_config.get("resources", {}).get("options", {})) if record else {}
+        found[_sweep(lease.provider, options, lease.region)] = None
+    for name, options, region in _configured(ctx):
+        found[_sweep(name, options, region)] = None
+    if wanted is not None:
+        chosen = [s for s in found if s.provider in wanted]
+        chosen += [Sweep(n) for n in sorted(wanted) if not any(s.provider == n for s in chosen)]
+        return chosen
+    if not any(s.provider == "local" for s in found):
+        found[Sweep("local")] = None
+    return list(found)
+
+
+def _sweep(provider: str, options: dict[str, Any], region: str) -> Sweep:
+    name = PROVIDERS.canonical(provider)
+    if name == "ec2" and region and not options.get("region"):
+        options = {**options, "region": region}
+    return Sweep(name, json.dumps(options, sort_keys=True, default=str))
+
+
+def _configured(ctx: Context) -> list[tuple[str, dict[str, Any], str]]:
+    """The providers gpuline.yml names (every tier), when it is there and valid."""
+    try:
+        spec = ctx.base_spec
+    except (GpulineError, OSError):
+        return []
+    specs = [spec] + [spec.for_tier(t) for t in spec.tiers]
+    return [(s.resources.provider, dict(s.resources.options), s.resources.region or "") for s in specs]
+
+
+# ---------------------------------------------------------------- the reconciliation
 
 
 def reap(
-    ctx: Context, providers: list[str], grace: timedelta, *, dry_run: bool, now: datetime | None = None
+    ctx: Context, sweeps: list[Sweep], grace: timedelta, *, dry_run: bool, now: datetime | None = None
 ) -> list[Action]:
     now = now or utcnow()
-    actions: list[Action] = []
-    for name in providers:
-        provider = open_provider(name, ctx.project_dir, {})
-        for machine in provider.list_owned():
-            action = judge(ctx.ledger, machine, grace, now)
-            action.provider = name
-            if action.kind == "terminate" and not dry_run:
-                action.done = provider.release(machine.instance_id)
-                _close_lease(ctx.ledger, machine, now)
-            if action.kind != "keep" or dry_run:
-                actions.append(action)
-    for reservation in ctx.ledger.reservations(state="held"):
-        if reservation.expires_at <= now:
-            action = Action("release-reservation", reservation.run_id, "its TTL passed without a settle")
-            if not dry_run:
-                action.done = ctx.ledger.release(reservation.run_id)
-            actions.append(action)
-    for lease in ctx.ledger.leases(active_only=True):
-        if lease.expires_at <= now and lease.provider not in providers:
-            actions.append(Action("release-lease", lease.lease_id, f"expired; provider {lease.provider} not swept"))
-    return actions
+    plan = Plan(leases={lease.lease_id: lease for lease in ctx.ledger.leases()})
+    swept: set[str] = set()
+    seen: set[tuple[str, str]] = set()
+    for sweep in sweeps:
+        provider = _open(ctx, sweep, plan)
+        if provider is None:
+            continue
+        try:
+            machines = provider.list_owned()
+        except GpulineError as exc:
+            plan.add(Action("error", sweep.provider, f"cannot list machines: {exc.one_line()}", sweep.provider))
+            continue
+        swept.add(sweep.provider)
+        for machine in machines:
+            if (sweep.provider, machine.instance_id) in seen:
+                continue
+            seen.add((sweep.provider, machine.instance_id))
+            _reap_machine(ctx, plan, provider, sweep.provider, machine, grace, now, dry_run)
+    _close_abandoned(ctx, plan, swept, now, dry_run)
+    _release_reservations(ctx, plan, now, dry_run)
+    _delete_stale_runners(ctx, plan, dry_run)
+    return plan.actions
 
 
-def judge(ledger: Ledger, machine: Machine, grace: timedelta, now: datetime) -> Action:
+def _open(ctx: Context, sweep: Sweep, plan: Plan) -> Provider | None:
+    try:
+        return open_provider(sweep.provider, ctx.project_dir, sweep.options)
+    except GpulineError as exc:
+        plan.add(Action("error", sweep.provider, f"cannot open the provider: {exc.one_line()}", sweep.provider))
+        return None
+
+
+def _reap_machine(
+    ctx: Context,
+    plan: Plan,
+    provider: Provider,
+    name: str,
+    machine: Machine,
+    grace: timedelta,
+    now: datetime,
+    dry_run: bool,
+) -> None:
+    action = judge(ctx.ledger, machine, grace, now, plan.leases)
+    action.provider = name
+    if machine.lease_id:
+        plan.seen_leases.add(machine.lease_id)
+    if action.kind == "keep":
+        if action.run_id:
+            plan.kept_runs.add(action.run_id)
+        if dry_run:
+            plan.add(action)
+        return
+    plan.add(action)
+    if dry_run:
+        return
+    try:
+        action.done = provider.release(machine.instance_id)
+    except GpulineError as exc:
+        action.reason += f"; release failed: {exc.one_line()}"
+        if action.run_id:
+            plan.kept_runs.add(action.run_id)
+        return
+    lease = plan.leases.get(machine.lease_id or "")
+    if lease is not None and lease.released_at is None:
+        # The machine is gone; its run ends here too (lease, cost, quota), as teardown would have.
+        close_run(ctx, lease, now, action.reason)
+    else:
+        _close_lease(ctx.ledger, machine, now)
+
+
+def judge(
+    ledger: Ledger,
+    machine: Machine,
+    grace: timedelta,
+    now: datetime,
+    leases: dict[str, LeaseRecord] | None = None,
+) -> Action:
+    """What to do with one machine that carries gpuline tags."""
     target = machine.instance_id
+    if leases is None:
+        leases = {lease.lease_id: lease for lease in ledger.leases()}
+    lease = leases.get(machine.lease_id or "")
+    run_id = machine.run_id or (lease.run_id if lease else None)
     if machine.launched_at is not None and now - machine.launched_at < grace:
-        return Action("keep", target, f"inside the boot grace period ({int(grace.total_seconds())}s)")
+        return Action(
+            "keep", target, f"inside the boot grace period ({int(grace.total_seconds())}s)", run_id=run_id or ""
+        )
     expires = machine.expires_at
     if expires is not None and expires <= now:
-        return Action("terminate", target, f"past its TTL ({expires.isoformat()})")
-    run_id = machine.run_id
+        return Action("terminate", target, f"past its TTL ({expires.isoformat()})", run_id=run_id or "")
     if run_id is None:
-        return Action("terminate", target, "carries gpuline tags but no run id")
+        if machine.lease_id is None:
+            return Action("terminate", target, "carries gpuline tags but no run or lease id")
+        return Action("keep", target, f"lease {machine.lease_id} is not in this ledger; left to its TTL")
+    record = _get_run(ledger, run_id)
+    if record is None:
+        return Action("keep", target, f"run {run_id} is not in this ledger; left to its TTL", run_id=run_id)
+    if record.times.released is not None or record.status in FINISHED:
+        return Action("terminate", target, f"run {run_id} is {record.status} but the machine still runs", run_id=run_id)
+    if lease is not None and lease.released_at is not None:
+        return Action("terminate", target, f"its lease {lease.lease_id} was released", run_id=run_id)
+    gone = holder_gone(ledger, run_id)
+    if gone:
+        return Action("terminate", target, f"run {run_id} was abandoned: {gone}", run_id=run_id)
+    return Action("keep", target, f"run {run_id} is {record.status}", run_id=run_id)
+
+
+def _close_abandoned(ctx: Context, plan: Plan, swept: set[str], now: datetime, dry_run: bool) -> None:
+    """Leases still open whose holder is gone or whose TTL passed: close them, and their runs."""
+    for lease in ctx.ledger.leases(active_only=True):
+        if lease.run_id in plan.kept_runs:
+            continue  # a machine of this run is still starting: not now
+        expired = lease.expires_at <= now
+        gone = holder_gone(ctx.ledger, lease.run_id)
+        if not expired and not gone:
+            continue
+        if lease.provider not in swept and lease.lease_id not in plan.seen_leases:
+            # Its machines were not looked at; closing the lease could hide a running machine.
+            plan.add(
+                Action(
+                    "keep",
+                    lease.lease_id,
+                    f"{'expired' if expired else 'abandoned'} but provider {lease.provider} was not swept",
+                    lease.provider,
+                    lease.run_id,
+                )
+            )
+            continue
+        reason = f"its holder is gone: {gone}" if gone else f"past its TTL ({lease.expires_at.isoformat()})"
+        action = plan.add(Action("close-run", lease.run_id, reason, lease.provider, lease.run_id))
+        if not dry_run:
+            action.done = close_run(ctx, lease, now, reason)
+
+
+def close_run(ctx: Context, lease: LeaseRecord, now: datetime, reason: str) -> bool:
+    """Finish what teardown would have: release the lease, close the run at its cost, settle its quota."""
+    from gpuline.steps.teardown import _close, _settle_quota
+
+    released = ctx.ledger.release_lease(lease.lease_id, now)
+    record = _get_run(ctx.ledger, lease.run_id)
+    if record is None:
+        return released
+    sub = Context(config_path=ctx.config_path, tier=record.tier, run_id=record.run_id)
+    sub.__dict__["ledger"] = ctx.ledger  # share the open ledger (a cached property)
+    if record.times.released is None:
+        record = _close(sub, record, now)
+    quota = _settle_quota(sub, record)
+    ctx.ledger.append_event(record.run_id, "reaped", {"reason": reason, "lease_id": lease.lease_id, "quota": quota})
+    return True
+
+
+def _release_reservations(ctx: Context, plan: Plan, now: datetime, dry_run: bool) -> None:
+    for reservation in ctx.ledger.reservations(state="held"):
+        if reservation.expires_at <= now and reservation.run_id not in plan.kept_runs:
+            action = plan.add(
+                Action(
+                    "release-reservation",
+                    reservation.run_id,
+                    "its TTL passed without a settle",
+                    run_id=reservation.run_id,
+                )
+            )
+            if not dry_run:
+                action.done = ctx.ledger.release(reservation.run_id)
+
+
+# ---------------------------------------------------------------- the holder of a lease
+
+
+def holder_gone(ledger: Ledger, run_id: str) -> str | None:
+    """Why the process or workflow run that holds ``run_id``'s lease is certainly gone; None when it
+    is alive or cannot be told (then only the TTL ends the lease)."""
+    holder: dict[str, Any] = {}
+    with contextlib.suppress(GpulineError):
+        for event in ledger.events(run_id):
+            if event.kind == "lease.recorded":
+                holder = dict(event.data.get("holder") or {})
+    process = holder.get("process")
+    if isinstance(process, dict) and process.get("host") == socket.gethostname():
+        if process.get("boot_id") and process.get("boot_id") != boot_id():
+            return f"its orchestrator ran on {process['host']} before a reboot"
+        pid = int(process.get("pid", 0))
+        if pid and not _alive(pid, str(process.get("started", ""))):
+            return f"its orchestrator (pid {pid} on {process['host']}) exited without teardown"
+        return None
+    workflow = holder.get("workflow")
+    if isinstance(workflow, dict):
+        return _workflow_finished(workflow)
+    return None
+
+
+def _alive(pid: int, started: str) -> bool:
     try:
-        record = ledger.get_run(run_id)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    # Same pid, different start time: the pid was reused by an unrelated process.
+    return not (started and process_start(pid) not in ("", started))
+
+
+def _workflow_finished(workflow: dict[str, Any]) -> str | None:
+    from gpuline import github
+
+    if not github.token_from_env():
+        return None
+    try:
+        gh = github.client()
+        found = gh.get_repo(str(workflow["repo"]), lazy=True).get_workflow_run(int(workflow["run_id"]))
+    except Exception:  # unknown is not gone: leave it to the TTL
+        return None
+    if found.status == "completed":
+        return f"its workflow run {workflow['run_id']} is completed ({found.conclusion})"
+    return None
+
+
+# ---------------------------------------------------------------- GitHub runners
+
+
+def _delete_stale_runners(ctx: Context, plan: Plan, dry_run: bool) -> None:
+    """Single-use runners of finished runs that never picked up their job (GitHub would keep them)."""
+    from gpuline import github
+
+    scope = os.environ.get(RUNNER_SCOPE_ENV) or os.environ.get("GITHUB_REPOSITORY")
+    if not scope or not github.token_from_env():
+        return
+    try:
+        runners = github.list_runners(scope)
+    except GpulineError as exc:
+        plan.add(Action("error", f"runners of {scope}", f"cannot list runners: {exc.one_line()}"))
+        return
+    for runner in runners:
+        if not runner.name.startswith("gpuline-run-") or runner.busy:
+            continue
+        run_id = runner.name.removeprefix("gpuline-")
+        record = _get_run(ctx.ledger, run_id)
+        if record is None or run_id in plan.kept_runs:
+            continue
+        if record.times.released is None and record.status not in FINISHED:
+            continue
+        action = plan.add(Action("delete-runner", runner.name, f"run {run_id} is {record.status}", run_id=run_id))
+        if not dry_run:
+            try:
+                action.done = github.delete_runner(scope, runner.runner_id)
+            except GpulineError as exc:
+                action.reason += f"; delete failed: {exc.one_line()}"
+
+
+# ---------------------------------------------------------------- ledger helpers
+
+
+def _get_run(ledger: Ledger, run_id: str) -> RunRecord | None:
+    try:
+        return ledger.get_run(run_id)
     except NotFoundError:
-        return Action("terminate", target, f"run {run_id} is not in the ledger")
-    if record.times.released is not None or record.status in ("succeeded", "failed", "refused"):
-        return Action("terminate", target, f"run {run_id} is {record.status} but the machine still runs")
-    return Action("keep", target, f"run {run_id} is {record.status}")
+        return None
 
 
 def _close_lease(ledger: Ledger, machine: Machine, now: datetime) -> None:
     if machine.lease_id:
-        # A lease the ledger never saw (a crash before it was recorded): the machine is gone, that is enough.
+        # A lease the ledger never saw (another ledger's machine past its TTL): the machine is gone, enough.
         with contextlib.suppress(GpulineError):
             ledger.release_lease(machine.lease_id, now)

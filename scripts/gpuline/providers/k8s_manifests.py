@@ -1,0 +1,384 @@
+"""Kubernetes manifests for a lease, as plain dicts: no SDK needed to build, print or validate them.
+
+One lease is one Job (``activeDeadlineSeconds`` = the TTL, so the cluster itself enforces it) whose
+pods either train directly or run one just-in-time GitHub runner. More than one node is an Indexed
+Job plus a headless Service: pod ``<job>-0`` is the c10d rendezvous every pod's ``torchrun`` meets
+at, reachable as ``<job>-0.<service>``. Where the Kubeflow training operator is installed, a
+PyTorchJob can be used instead (it sets torchrun's ``PET_*`` environment itself).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpuline.errors import ConfigError
+from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, TAG_RUN_ID, LeaseRequest
+
+RDZV_PORT = 29400
+LABEL_PREFIX = "gpuline/"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GPU_RESOURCE = "nvidia.com/gpu"
+JIT_KEY = "jitconfig"
+DEFAULT_RUNNER_IMAGE = "ghcr.io/actions/actions-runner:2.321.0"
+
+# Tags that become labels (selectable); every tag is also kept verbatim as an annotation.
+_LABELLED = (TAG_RUN_ID, TAG_LEASE_ID, TAG_MANAGED, "gpuline:team", "gpuline:tier")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None  # the Kubernetes field name, as written in manifests
+
+
+class SpotPlacement(BaseModel):
+    """Where spot (preemptible) nodes are, in this cluster's terms."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class KubernetesOptions(BaseModel):
+    """``resources.options`` for the kubernetes provider."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["train", "runner"] = Field(
+        default="train", description="train: the pod runs the entrypoint; runner: a JIT GitHub runner."
+    )
+    namespace: str = "default"
+    kubeconfig: str | None = Field(default=None, description="Default: KUBECONFIG, then ~/.kube/config.")
+    context: str | None = None
+    in_cluster: bool | None = Field(default=None, description="Default: when KUBERNETES_SERVICE_HOST is set.")
+    image: str | None = Field(default=None, description="Container image (default: resources.image).")
+    command: list[str] | None = Field(default=None, description="Overrides the entrypoint-derived command.")
+    working_dir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    env_from_secret: str | None = Field(default=None, description="A Secret whose keys become env vars.")
+    queue: str | None = Field(default=None, description="Kueue LocalQueue name.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Values may use {gpu_type}, e.g. {gpu: '{gpu_type}'}."
+    )
+    tolerations: list[Toleration] | None = Field(
+        default=None, description="Default: tolerate the nvidia.com/gpu taint when GPUs are requested."
+    )
+    spot: SpotPlacement = Field(default_factory=SpotPlacement)
+    cpu: str | None = None
+    memory: str | None = None
+    shm_size: str = Field(default="8Gi", description="/dev/shm for multi-process data loading and NCCL.")
+    service_account: str | None = None
+    automount_service_account_token: bool = False
+    priority_class: str | None = None
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    ttl_after_finished_s: int = Field(default=600, ge=0)
+    backoff_limit: int = Field(default=0, ge=0)
+    multi_node: Literal["auto", "indexed-job", "pytorchjob"] = "auto"
+    runner_image: str = DEFAULT_RUNNER_IMAGE
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+def object_name(lease_id: str) -> str:
+    """``gpuline-<lease hex>``: unique per lease, DNS-1123, short enough for ``<name>-<index>`` pods."""
+    suffix = re.sub(r"[^a-z0-9-]", "-", lease_id.lower().removeprefix("lease-")).strip("-")
+    return f"gpuline-{suffix}"[:52]
+
+
+def label_key(tag: str) -> str:
+    return LABEL_PREFIX + tag.removeprefix("gpuline:")
+
+
+def label_value(value: str) -> str:
+    cleaned = re.sub(r"[^-A-Za-z0-9_.]", "_", value)[:63].strip("-_.")
+    return cleaned if _LABEL_VALUE.match(cleaned) else ""
+
+
+def labels_for(request: LeaseRequest, options: KubernetesOptions) -> dict[str, str]:
+    labels = {label_key(k): label_value(v) for k, v in request.tags.items() if k in _LABELLED}
+    labels[label_key(TAG_MANAGED)] = "true"
+    # The expiry as epoch seconds: a label (unlike the ISO annotation) so `kubectl get -l` can see it.
+    labels[label_key(TAG_EXPIRES_AT)] = str(int(request.expires_at.timestamp()))
+    return {**options.labels, **labels}
+
+
+def annotations_for(request: LeaseRequest, created_at: str) -> dict[str, str]:
+    notes = {label_key(k): v for k, v in request.tags.items()}
+    notes[label_key("created-at")] = created_at
+    return notes
+
+
+def build_manifests(
+    request: LeaseRequest, options: KubernetesOptions, *, created_at: str, use_pytorchjob: bool = False
+) -> list[dict[str, Any]]:
+    """Every object the lease needs, in creation order: the workload first (so the lease is findable
+    as early as possible), then what hangs off it."""
+    resources = request.spec.resources
+    nodes = resources.nodes
+    if options.mode == "runner" and nodes > 1:
+        raise ConfigError(
+            "resources.options.mode: a runner is one machine, but resources.nodes is " + str(nodes),
+            hint="use mode: train for multi-node, or nodes: 1",
+        )
+    if options.mode == "runner" and (request.runner is None or not request.runner.jit_config):
+        raise ConfigError(
+            "resources.options.mode is runner but no JIT runner was registered",
+            hint="pass --runner-label (and a GitHub token) to provision, or use mode: train",
+        )
+    name = object_name(request.lease_id)
+    labels = labels_for(request, options)
+    annotations = annotations_for(request, created_at)
+    meta = {"name": name, "namespace": options.namespace, "labels": labels, "annotations": annotations}
+    pod = _pod_template(request, options, name, labels, distributed=nodes > 1 and not use_pytorchjob)
+    out: list[dict[str, Any]] = []
+    if use_pytorchjob and nodes > 1:
+        out.append(_pytorchjob(request, options, meta, pod))
+    else:
+        out.append(_job(request, options, meta, pod))
+        if nodes > 1:
+            out.append(_headless_service(options, name, labels, annotations))
+    if options.mode == "runner" and request.runner is not None:
+        out.append(_jit_secret(options, name, labels, request.runner.jit_config))
+    return out
+
+
+def _job(
+    request: LeaseRequest, options: KubernetesOptions, meta: dict[str, Any], pod: dict[str, Any]
+) -> dict[str, Any]:
+    nodes = request.spec.resources.nodes
+    job_labels = dict(meta["labels"])
+    spec: dict[str, Any] = {
+        # The lease's TTL enforced by the cluster itself, whatever happens to gpuline.
+        "activeDeadlineSeconds": request.ttl_seconds,
+        "ttlSecondsAfterFinished": options.ttl_after_finished_s,
+        "backoffLimit": options.backoff_limit,
+        "completions": nodes,
+        "parallelism": nodes,
+        "template": pod,
+    }
+    if nodes > 1:
+        spec["completionMode"] = "Indexed"
+    if options.queue:
+        job_labels[QUEUE_LABEL] = options.queue
+        # Kueue admits a suspended Job when its queue has quota; the deadline only runs once admitted.
+        spec["suspend"] = True
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {**meta, "labels": job_labels}, "spec": spec}
+
+
+def _headless_service(
+    options: KubernetesOptions, name: str, labels: dict[str, str], annotations: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": options.namespace, "labels": labels, "annotations": annotations},
+        "spec": {
+            "clusterIP": "None",
+            # Pods must resolve each other before they are Ready: rendezvous happens before readiness.
+            "publishNotReadyAddresses": True,
+            "selector": {label_key(TAG_LEASE_ID): labels[label_key(TAG_LEASE_ID)]},
+            "ports": [{"name": "c10d", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def _jit_secret(options: KubernetesOptions, name: str, labels: dict[str, str], jit: str) -> dict[str, Any]:
+    # A Secret, not an env value in the Job: a Job spec is readable by anyone who can `get jobs`.
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": f"{name}-jit", "namespace": options.namespace, "labels": labels},
+        "type": "Opaque",
+        "stringData": {JIT_KEY: jit},
+    }
+
+
+def _pytorchjob(
+    request: LeaseRequest, options: KubernetesOptions, meta: dict[str, Any], pod: dict[str, Any]
+) -> dict[str, Any]:
+    resources = request.spec.resources
+    container = pod["spec"]["containers"][0]
+    container["name"] = "pytorch"  # the training operator finds the container by this name
+    if options.command is None:
+        # The operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR... which torchrun reads as defaults.
+        container["command"] = _torchrun_prefix([]) + _script_args(request, options)
+    run_policy: dict[str, Any] = {
+        "activeDeadlineSeconds": request.ttl_seconds,
+        "ttlSecondsAfterFinished": options.ttl_after_finished_s,
+        "backoffLimit": options.backoff_limit,
+        "cleanPodPolicy": "All",
+    }
+    job_labels = dict(meta["labels"])
+    if options.queue:
+        job_labels[QUEUE_LABEL] = options.queue
+        run_policy["suspend"] = True
+    replica = {"restartPolicy": "Never", "template": pod}
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {**meta, "labels": job_labels},
+        "spec": {
+            "nprocPerNode": str(resources.procs_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": {
+                "Master": {"replicas": 1, **replica},
+                "Worker": {"replicas": resources.nodes - 1, **json.loads(json.dumps(replica))},
+            },
+        },
+    }
+
+
+# ---------------------------------------------------------------- the pod
+
+
+def _pod_template(
+    request: LeaseRequest, options: KubernetesOptions, name: str, labels: dict[str, str], *, distributed: bool
+) -> dict[str, Any]:
+    resources = request.spec.resources
+    container = _container(request, options, name, distributed=distributed)
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "automountServiceAccountToken": options.automount_service_account_token,
+        "nodeSelector": _node_selector(request, options),
+        "tolerations": _tolerations(request, options),
+    }
+    if distributed:
+        spec["subdomain"] = name  # pods become <job>-<index>.<service>
+    if options.service_account:
+        spec["serviceAccountName"] = options.service_account
+    if options.priority_class:
+        spec["priorityClassName"] = options.priority_class
+    if options.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
+    if resources.gpu_count > 1 or resources.procs_per_node > 1:
+        spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}}]
+        container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    if not spec["nodeSelector"]:
+        del spec["nodeSelector"]
+    if not spec["tolerations"]:
+        del spec["tolerations"]
+    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+
+
+def _container(request: LeaseRequest, options: KubernetesOptions, name: str, *, distributed: bool) -> dict[str, Any]:
+    resources = request.spec.resources
+    limits: dict[str, str] = {}
+    requests: dict[str, str] = {}
+    if resources.gpu_count > 0:
+        limits[GPU_RESOURCE] = str(resources.gpu_count)
+    if options.cpu:
+        requests["cpu"] = options.cpu
+    if options.memory:
+        requests["memory"] = limits["memory"] = options.memory
+    values = _env(request, options, name, distributed=distributed)
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
+    container: dict[str, Any] = {"name": "runner" if options.mode == "runner" else "train"}
+    if options.mode == "runner":
+        container["image"] = options.runner_image
+        container["command"] = ["/home/runner/run.sh"]
+        env.append(
+            {
+                # The runner reads its --jitconfig flag from this variable; the value stays in the Secret.
+                "name": "ACTIONS_RUNNER_INPUT_JITCONFIG",
+                "valueFrom": {"secretKeyRef": {"name": f"{name}-jit", "key": JIT_KEY}},
+            }
+        )
+    else:
+        image = options.image or resources.image
+        if not image:
+            raise ConfigError(
+                "the kubernetes provider needs a container image",
+                hint="set resources.image (or resources.options.image) to an image holding the training code",
+            )
+        container["image"] = image
+        container["command"] = options.command or _train_command(request, options, distributed=distributed)
+        if options.working_dir:
+            container["workingDir"] = options.working_dir
+    container["env"] = env
+    if options.env_from_secret:
+        container["envFrom"] = [{"secretRef": {"name": options.env_from_secret}}]
+    container["resources"] = {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
+    return container
+
+
+def _env(request: LeaseRequest, options: KubernetesOptions, name: str, *, distributed: bool) -> dict[str, str]:
+    env = {
+        "GPULINE_RUN_ID": request.run_id,
+        "GPULINE_LEASE_ID": request.lease_id,
+        "GPULINE_HPARAMS": json.dumps(request.spec.hyperparameters, sort_keys=True),
+        **options.env,
+    }
+    if distributed:
+        env["GPULINE_RDZV_ENDPOINT"] = rdzv_endpoint(name)
+    return env
+
+
+def rdzv_endpoint(name: str) -> str:
+    return f"{name}-0.{name}:{RDZV_PORT}"
+
+
+def _train_command(request: LeaseRequest, options: KubernetesOptions, *, distributed: bool) -> list[str]:
+    resources = request.spec.resources
+    if not distributed and resources.procs_per_node == 1:
+        return list(request.spec.entrypoint.command)
+    args = [f"--nproc-per-node={resources.procs_per_node}"]
+    if distributed:
+        args += [
+            f"--nnodes={resources.nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint(object_name(request.lease_id))}",
+            f"--rdzv-id={request.run_id}",
+        ]
+    else:
+        args.append("--standalone")
+    return _torchrun_prefix(args) + _script_args(request, options)
+
+
+def _torchrun_prefix(args: list[str]) -> list[str]:
+    return ["torchrun", *args]
+
+
+def _script_args(request: LeaseRequest, options: KubernetesOptions) -> list[str]:
+    """torchrun runs a Python script itself; any other program needs ``--no-python``."""
+    command = list(request.spec.entrypoint.command)
+    if command and re.fullmatch(r"python(3(\.\d+)?)?", command[0].rsplit("/", 1)[-1]):
+        return command[1:]
+    return ["--no-python", *command]
+
+
+def _node_selector(request: LeaseRequest, options: KubernetesOptions) -> dict[str, str]:
+    selector = {k: v.replace("{gpu_type}", request.spec.resources.gpu_type) for k, v in options.node_selector.items()}
+    if request.lane == "spot":
+        selector.update(options.spot.node_selector)
+    return selector
+
+
+def _tolerations(request: LeaseRequest, options: KubernetesOptions) -> list[dict[str, Any]]:
+    if options.tolerations is not None:
+        chosen = list(options.tolerations)
+    elif request.spec.resources.gpu_count > 0:
+        chosen = [Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+    else:
+        chosen = []
+    if request.lane == "spot":
+        chosen += options.spot.tolerations
+    return [t.model_dump(exclude_none=True) for t in chosen]
+
+
+def describe_command(manifest: dict[str, Any]) -> str:
+    """The command a manifest's first container runs, for logs (never includes env values)."""
+    spec = manifest.get("spec", {})
+    template = spec.get("template") or spec.get("pytorchReplicaSpecs", {}).get("Master", {}).get("template", {})
+    containers = template.get("spec", {}).get("containers", [{}])
+    return shlex.join(containers[0].get("command", []))

@@ -1,0 +1,388 @@
+"""Kubernetes through the official client: a lease is a Job (or a PyTorchJob) the cluster ends at the TTL.
+
+What is created carries gpuline labels (``gpuline/run-id``, ``gpuline/lease-id``, ``gpuline/managed``,
+``gpuline/expires-at`` as epoch seconds) and the full tags as annotations, so ``list_owned`` finds it
+by label; results are filtered by label in our code too, since not every API server (or emulator)
+honours selectors. The instance id is ``<kind>/<namespace>/<name>``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gpuline import gha
+from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
+from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState
+from gpuline.providers.k8s_manifests import (
+    KubernetesOptions,
+    build_manifests,
+    describe_command,
+    label_key,
+    object_name,
+)
+from gpuline.providers.options import parse_options
+from gpuline.providers.testhooks import pause_at
+from gpuline.runs import utcnow
+
+_MANAGED = f"{label_key(TAG_MANAGED)}=true"
+_KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
+
+
+class KubernetesProvider:
+    name = "kubernetes"
+
+    def __init__(self, project_dir: Path, options: dict[str, Any] | None = None) -> None:
+        self.project_dir = project_dir
+        self.options = parse_options(KubernetesOptions, options or {}, "kubernetes")
+        self._api: Any = None
+
+    @property
+    def wants_runner(self) -> bool:
+        """Only a runner-mode pod needs a JIT runner registration; a training pod is the job itself."""
+        return self.options.mode == "runner"
+
+    # ------------------------------------------------------------ the API client
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            self._api = self._connect()
+        return self._api
+
+    def _connect(self) -> Any:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+
+        o = self.options
+        in_cluster = o.in_cluster if o.in_cluster is not None else bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        try:
+            if in_cluster:
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                return client.ApiClient(configuration)
+            path = o.kubeconfig or os.environ.get("KUBECONFIG") or None
+            return config.new_client_from_config(config_file=path, context=o.context)
+        except (ConfigException, OSError) as exc:
+            raise ConfigError(
+                f"cannot load the Kubernetes configuration: {exc}",
+                hint="set resources.options.kubeconfig / context, or KUBECONFIG",
+            ) from None
+
+    def _batch(self) -> Any:
+        from kubernetes import client
+
+        return client.BatchV1Api(self.api)
+
+    def _core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api)
+
+    def _custom(self) -> Any:
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self.api)
+
+    # ------------------------------------------------------------ provision
+
+    def provision(self, request: LeaseRequest) -> Machine:
+        created_at = utcnow().isoformat(timespec="seconds")
+        use_pytorchjob = request.spec.resources.nodes > 1 and self._wants_pytorchjob()
+        manifests = build_manifests(request, self.options, created_at=created_at, use_pytorchjob=use_pytorchjob)
+        workload, *rest = manifests
+        what = f"{workload['kind']} {workload['metadata']['name']}"
+        gha.info(f"kubernetes: creating {what}: {describe_command(workload)}")
+        created = self._create(workload)
+        owner = _owner_reference(created)
+        for manifest in rest:
+            if owner is not None:
+                # Garbage-collected with the workload (ttlSecondsAfterFinished included).
+                manifest["metadata"]["ownerReferences"] = [owner]
+            self._create(manifest)
+        machine = self._machine(created)
+        machine.runner_label = request.runner.label if request.runner else None
+        machine.instance_type = request.instance_type
+        machine.lane = request.lane
+        return machine
+
+    def _wants_pytorchjob(self) -> bool:
+        choice = self.options.multi_node
+        if choice != "auto":
+            return choice == "pytorchjob"
+        return self._has_pytorchjob_crd()
+
+    def _has_pytorchjob_crd(self) -> bool:
+        group, version, plural = _KUBEFLOW
+        try:
+            resources = self._custom().get_api_resources(group, version)
+        except Exception as exc:
+            if _status(exc) in (404, 403):
+                return False
+            raise _as_error(exc, "looking for the Kubeflow PyTorchJob CRD") from None
+        return any(r.name == plural for r in (resources.resources or []))
+
+    def _create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        kind, ns = manifest["kind"], manifest["metadata"]["namespace"]
+        try:
+            if kind == "Job":
+                made = self._batch().create_namespaced_job(ns, manifest)
+            elif kind == "Service":
+                made = self._core().create_namespaced_service(ns, manifest)
+            elif kind == "Secret":
+                made = self._core().create_namespaced_secret(ns, manifest)
+            elif kind == "PyTorchJob":
+                group, version, plural = _KUBEFLOW
+                body: dict[str, Any] = self._custom().create_namespaced_custom_object(
+                    group, version, ns, plural, manifest
+                )
+                return body
+            else:  # pragma: no cover - build_manifests makes only the kinds above
+                raise InfraError(f"cannot create a {kind}")
+        except GpulineError:
+            raise
+        except Exception as exc:
+            raise _as_error(exc, f"creating {kind} {manifest['metadata']['name']} in {ns}") from None
+        as_dict: dict[str, Any] = self.api.sanitize_for_serialization(made)
+        return as_dict
+
+    # ------------------------------------------------------------ describe, release, list
+
+    def describe(self, instance_id: str) -> Machine:
+        kind, ns, name = _parse_id(instance_id)
+        obj = self._read(kind, ns, name)
+        if obj is None:
+            raise NotFoundError(f"kubernetes {kind} {ns}/{name} does not exist")
+        return self._machine(obj)
+
+    def _read(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            if kind == "job":
+                obj = self._batch().read_namespaced_job(name, ns)
+                body: dict[str, Any] = self.api.sanitize_for_serialization(obj)
+                return body
+            group, version, plural = _KUBEFLOW
+            custom: dict[str, Any] = self._custom().get_namespaced_custom_object(group, version, ns, plural, name)
+            return custom
+        except Exception as exc:
+            if _status(exc) == 404:
+                return None
+            raise _as_error(exc, f"reading {kind} {ns}/{name}") from None
+
+    def release(self, instance_id: str) -> bool:
+        kind, ns, name = _parse_id(instance_id)
+        obj = self._read(kind, ns, name)
+        was_live = obj is not None and self._state(obj) != "terminated"
+        if obj is not None:
+            pause_at("release")
+            self._delete(kind, ns, name)
+        # What hangs off the workload goes too, even where garbage collection would (or never will) do it.
+        self._delete("service", ns, name)
+        self._delete("secret", ns, f"{name}-jit")
+        return was_live
+
+    def _delete(self, kind: str, ns: str, name: str) -> bool:
+        from kubernetes import client
+
+        # Background propagation: the Job's pods are deleted too, not orphaned (the API's old default).
+        options = client.V1DeleteOptions(propagation_policy="Background")
+        try:
+            if kind == "job":
+                self._batch().delete_namespaced_job(name, ns, body=options)
+            elif kind == "service":
+                self._core().delete_namespaced_service(name, ns)
+            elif kind == "secret":
+                self._core().delete_namespaced_secret(name, ns)
+            else:
+                group, version, plural = _KUBEFLOW
+                self._custom().delete_namespaced_custom_object(group, version, ns, plural, name, body=options)
+        except Exception as exc:
+            if _status(exc) == 404:
+                return False
+            raise _as_error(exc, f"deleting {kind} {ns}/{name}") from None
+        return True
+
+    def list_owned(self) -> list[Machine]:
+        ns = self.options.namespace
+        try:
+            jobs = self._batch().list_namespaced_job(ns, label_selector=_MANAGED)
+            objs: list[dict[str, Any]] = [self.api.sanitize_for_serialization(j) for j in jobs.items]
+        except Exception as exc:
+            if _status(exc) != 404:
+                raise _as_error(exc, f"listing Jobs in {ns}") from None
+            objs = []
+        objs += self._list_pytorchjobs(ns)
+        machines = [self._machine(o) for o in objs if _is_ours(o)]
+        return [m for m in machines if m.state != "terminated"]
+
+    def _list_pytorchjobs(self, ns: str) -> list[dict[str, Any]]:
+        group, version, plural = _KUBEFLOW
+        try:
+            body = self._custom().list_namespaced_custom_object(group, version, ns, plural, label_selector=_MANAGED)
+        except Exception as exc:
+            if _status(exc) in (404, 403):
+                return []  # the CRD is not installed (or we may not see it): nothing of ours there
+            raise _as_error(exc, f"listing PyTorchJobs in {ns}") from None
+        items: list[dict[str, Any]] = body.get("items", [])
+        return items
+
+    # ------------------------------------------------------------ logs
+
+    def pods(self, instance_id: str) -> list[dict[str, Any]]:
+        """The lease's pods, ordered by completion index (pod 0 first)."""
+        kind, ns, name = _parse_id(instance_id)
+        obj = self._read(kind, ns, name)
+        lease = ((obj or {}).get("metadata", {}).get("labels") or {}).get(label_key(TAG_LEASE_ID))
+        if not lease:
+            return []
+        try:
+            found = self._core().list_namespaced_pod(ns, label_selector=f"{label_key(TAG_LEASE_ID)}={lease}")
+        except Exception as exc:
+            if _status(exc) == 404:
+                return []
+            raise _as_error(exc, f"listing pods of {name}") from None
+        pods = [self.api.sanitize_for_serialization(p) for p in found.items]
+        pods = [p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(label_key(TAG_LEASE_ID)) == lease]
+        return sorted(pods, key=_completion_index)
+
+    def stream_logs(self, instance_id: str, write: Callable[[str], None], *, follow: bool = True) -> int:
+        """Copy the logs of the lease's first pod (the rendezvous host) to ``write``, line by line;
+        returns the number of lines. With ``follow`` it returns when the pod's container ends."""
+        pods = self.pods(instance_id)
+        if not pods:
+            return 0
+        meta = pods[0]["metadata"]
+        lines = 0
+        for line in self._log_lines(meta["namespace"], meta["name"], follow=follow):
+            write(line)
+            lines += 1
+        return lines
+
+    def _log_lines(self, ns: str, pod: str, *, follow: bool) -> Iterator[str]:
+        try:
+            response = self._core().read_namespaced_pod_log(pod, ns, follow=follow, _preload_content=False)
+        except Exception as exc:
+            raise _as_error(exc, f"reading the log of pod {ns}/{pod}") from None
+        pending = b""
+        try:
+            for chunk in response.stream(4096):
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    yield raw.decode(errors="replace")
+            if pending:
+                yield pending.decode(errors="replace")
+        finally:
+            response.release_conn()
+
+    # ------------------------------------------------------------ mapping
+
+    def _machine(self, obj: dict[str, Any]) -> Machine:
+        meta = obj.get("metadata", {})
+        labels = meta.get("labels") or {}
+        notes = meta.get("annotations") or {}
+        tags = {f"gpuline:{k.removeprefix('gpuline/')}": v for k, v in notes.items() if k.startswith("gpuline/")}
+        for key in (TAG_LEASE_ID, TAG_MANAGED):
+            tags.setdefault(key, labels.get(label_key(key), ""))
+        if TAG_EXPIRES_AT not in tags and labels.get(label_key(TAG_EXPIRES_AT), "").isdigit():
+            expires = datetime.fromtimestamp(int(labels[label_key(TAG_EXPIRES_AT)]), tz=utcnow().tzinfo)
+            tags[TAG_EXPIRES_AT] = expires.isoformat()
+        kind = "job" if obj.get("kind", "Job") == "Job" else "pytorchjob"
+        return Machine(
+            instance_id=f"{kind}/{meta.get('namespace', self.options.namespace)}/{meta.get('name', '')}",
+            provider=self.name,
+            state=self._state(obj),
+            tags=tags,
+            launched_at=_launched_at(meta, notes),
+            region=self.options.namespace,
+        )
+
+    @staticmethod
+    def _state(obj: dict[str, Any]) -> MachineState:
+        status = obj.get("status") or {}
+        for condition in status.get("conditions") or []:
+            kind = condition.get("type")
+            if kind in ("Complete", "Failed", "Succeeded") and condition.get("status") == "True":
+                return "terminated"
+        if obj.get("metadata", {}).get("deletionTimestamp"):
+            return "stopping"
+        if (status.get("active") or 0) > 0:
+            return "running"
+        return "pending"
+
+
+def _is_ours(obj: dict[str, Any]) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return bool(labels.get(label_key(TAG_MANAGED)) == "true")
+
+
+def _launched_at(meta: dict[str, Any], notes: dict[str, str]) -> datetime | None:
+    raw = notes.get(label_key("created-at")) or meta.get("creationTimestamp")
+    if not raw:
+        return None
+    try:
+        return datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _completion_index(pod: dict[str, Any]) -> int:
+    notes = pod.get("metadata", {}).get("annotations") or {}
+    raw = notes.get("batch.kubernetes.io/job-completion-index", "0")
+    return int(raw) if str(raw).isdigit() else 0
+
+
+def _owner_reference(obj: dict[str, Any]) -> dict[str, Any] | None:
+    meta = obj.get("metadata", {})
+    if not meta.get("uid"):
+        return None  # an owner reference needs the owner's uid; without it, release() deletes by name
+    return {
+        "apiVersion": obj.get("apiVersion", "batch/v1"),
+        "kind": obj.get("kind", "Job"),
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "blockOwnerDeletion": False,
+    }
+
+
+def _parse_id(instance_id: str) -> tuple[str, str, str]:
+    parts = instance_id.split("/")
+    if len(parts) != 3 or parts[0] not in ("job", "pytorchjob") or not all(parts):
+        raise NotFoundError(
+            f"{instance_id!r} is not a kubernetes instance id",
+            hint="ids look like job/NAMESPACE/NAME (see `gpuline status`)",
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def _status(exc: Exception) -> int | None:
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def _as_error(exc: Exception, doing: str) -> GpulineError:
+    status = _status(exc)
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    if status in (401, 403):
+        return InfraError(
+            f"{doing}: the cluster refused ({status} {reason})",
+            hint="the service account needs the RBAC rules in the README's providers section",
+        )
+    if status == 404:
+        return ConfigError(f"{doing}: not found ({reason})", hint="check resources.options.namespace exists")
+    if status == 409:
+        return InfraError(f"{doing}: it already exists", hint="a previous attempt created it; run `gpuline reap`")
+    if status == 422:
+        body = getattr(exc, "body", "") or ""
+        return ConfigError(f"{doing}: the cluster rejected the manifest: {str(body)[:300]}", hint="check resources")
+    if status is not None:
+        return InfraError(f"{doing}: the cluster answered {status} {reason}", hint="retry; check the cluster's health")
+    return InfraError(f"{doing}: {reason}: {exc}"[:400], hint="check the cluster is reachable (kubeconfig server)")
+
+
+def job_id(namespace: str, lease_id: str) -> str:
+    """The instance id a lease's Job gets (for tests and tools that know only the lease)."""
+    return f"job/{namespace}/{object_name(lease_id)}"
