@@ -6,10 +6,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from servers import ImdsServer
 
 from gpuline import imds
 from gpuline.imds import ImdsClient, ImdsError, SpotNotice, SpotWatcher
+from servers import ImdsServer
 
 
 def test_no_notice_is_none_and_uses_a_token(imds_server: ImdsServer) -> None:
@@ -40,7 +40,7 @@ def test_unreachable_endpoint_raises() -> None:
 
 def test_a_refused_token_request_raises(imds_server: ImdsServer) -> None:
     client = ImdsClient(imds_server.url + "/wrong-root")
-    with pytest.raises(ImdsError, match="token request .* answered 404"):
+    with pytest.raises(ImdsError, match=r"token request .* answered 404"):
         client.spot_notice()
 
 

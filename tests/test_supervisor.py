@@ -12,18 +12,18 @@ from pathlib import Path
 
 import boto3
 import pytest
-from fixtures_training import Recorder, driver_argv, make_request, wait_for_metrics, when_metrics_reach, write_trainer
-from servers import ImdsServer, MotoServer
 
+from fixtures_training import Recorder, driver_argv, make_request, wait_for_metrics, when_metrics_reach, write_trainer
 from gpuline import checkpoints
 from gpuline.errors import InfraError, InputError
 from gpuline.storage import LocalStorage, open_storage, remote_checkpoints
-from gpuline.supervisor import check_entrypoint_imports, launch_argv, smoke_test, supervise
+from gpuline.supervisor import SmokeResult, check_entrypoint_imports, launch_argv, smoke_test, supervise
+from servers import ImdsServer, MotoServer
 
 
 def remote_steps(project: Path, run_id: str = "run-test") -> list[tuple[int, bool]]:
     store = open_storage("file://store", project)
-    return [(c.step, c.complete) for c in remote_checkpoints(store, f"runs/{run_id}")]
+    return [(c.step, c.complete) for c in remote_checkpoints(store, f"runs/{run_id}/checkpoints")]
 
 
 def test_fresh_run_completes_and_keeps_newest_checkpoints(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_a_new_machine_resumes_from_the_newest_checkpoint_in_storage(tmp_path: P
     supervise(make_request(tmp_path, steps=20))
     rec = Recorder()
     outcome = supervise(make_request(tmp_path, recorder=rec, workdir=tmp_path / "other-machine", steps=30))
-    uri = (tmp_path / "store" / "runs" / "run-test" / "step-00000020").as_uri()
+    uri = (tmp_path / "store" / "runs" / "run-test" / "checkpoints" / "step-00000020").as_uri()
     assert rec.matching("resuming run") == [f"resuming run run-test from checkpoint step 20 ({uri})"]
     assert rec.matching("starting run") == []
     assert "resumed at step 20" in rec.lines
@@ -76,7 +76,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
 
 def test_corrupt_newest_checkpoint_is_skipped_and_said(tmp_path: Path) -> None:
     supervise(make_request(tmp_path, steps=20))
-    newest = tmp_path / "store" / "runs" / "run-test" / "step-00000020" / "state.json"
+    newest = tmp_path / "store" / "runs" / "run-test" / "checkpoints" / "step-00000020" / "state.json"
     newest.write_text(newest.read_text().replace("20", "99"))
     rec = Recorder()
     outcome = supervise(make_request(tmp_path, recorder=rec, workdir=tmp_path / "fresh-disk", steps=20))
@@ -98,7 +98,7 @@ def test_corrupt_local_checkpoint_falls_back_to_storage(tmp_path: Path) -> None:
 
 
 def test_incomplete_upload_is_skipped_not_fatal(tmp_path: Path) -> None:
-    store = tmp_path / "store" / "runs" / "run-test" / "step-00000005"
+    store = tmp_path / "store" / "runs" / "run-test" / "checkpoints" / "step-00000005"
     store.mkdir(parents=True)
     (store / "state.json").write_text("{}")  # no manifest: an upload that was killed
     rec = Recorder()
@@ -108,7 +108,7 @@ def test_incomplete_upload_is_skipped_not_fatal(tmp_path: Path) -> None:
 
 
 def _corrupt_all(tmp_path: Path) -> None:
-    for state in (tmp_path / "store" / "runs" / "run-test").glob("step-*/state.json"):
+    for state in (tmp_path / "store" / "runs" / "run-test" / "checkpoints").glob("step-*/state.json"):
         state.write_text("garbage")
 
 
@@ -228,7 +228,9 @@ def test_checkpoints_written_without_a_manifest_are_committed_by_the_supervisor(
     outcome = supervise(make_request(tmp_path, recorder=rec, steps=12, plain=True))
     assert [c.step for c in outcome.checkpoints] == [5, 10, 12]
     for step in (5, 10, 12):
-        assert checkpoints.verify(tmp_path / "store" / "runs" / "run-test" / checkpoints.step_dir_name(step)).ok
+        assert checkpoints.verify(
+            tmp_path / "store" / "runs" / "run-test" / "checkpoints" / checkpoints.step_dir_name(step)
+        ).ok
     assert rec.matching("committed a manifest for checkpoint step 12")
 
 
@@ -267,9 +269,9 @@ def test_s3_storage_end_to_end(tmp_path: Path, aws_env: MotoServer) -> None:
     rec = Recorder()
     outcome = supervise(make_request(tmp_path, storage=store, recorder=rec, workdir=tmp_path / "w2", steps=16))
     assert rec.matching("resuming run") == [
-        "resuming run run-test from checkpoint step 12 (s3://ckpts/team/runs/run-test/step-00000012)"
+        "resuming run run-test from checkpoint step 12 (s3://ckpts/team/runs/run-test/checkpoints/step-00000012)"
     ]
-    assert outcome.checkpoints[-1].uri == "s3://ckpts/team/runs/run-test/step-00000016"
+    assert outcome.checkpoints[-1].uri == "s3://ckpts/team/runs/run-test/checkpoints/step-00000016"
 
 
 class FailingStorage(LocalStorage):
@@ -321,21 +323,21 @@ def test_multi_node_needs_a_rendezvous_endpoint() -> None:
 # ---------------------------------------------------------------- preflight helpers
 
 
-def _smoke(tmp_path: Path, timeout_s: float = 60, **hp: object) -> object:
+def _smoke(tmp_path: Path, timeout_s: float = 60, **hp: object) -> SmokeResult:
     script = write_trainer(tmp_path)
     return smoke_test([sys.executable, script.name], tmp_path, None, hp, timeout_s)
 
 
 def test_smoke_test_reports_falling_loss(tmp_path: Path) -> None:
     result = _smoke(tmp_path)
-    assert getattr(result, "fell") is True
-    assert len(getattr(result, "losses")) == 20
-    assert getattr(result, "step_seconds") == pytest.approx(0.01)
+    assert result.fell is True
+    assert len(result.losses) == 20
+    assert result.step_seconds == pytest.approx(0.01)
 
 
 def test_smoke_test_reports_flat_loss(tmp_path: Path) -> None:
     result = _smoke(tmp_path, smoke_flat=True)
-    assert getattr(result, "fell") is False
+    assert result.fell is False
 
 
 @pytest.mark.parametrize(

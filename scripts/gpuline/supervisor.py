@@ -87,6 +87,11 @@ class TrainRequest:
     # host:port that every node's torchrun meets at (c10d); env GPULINE_RDZV_ENDPOINT when None.
     rdzv_endpoint: str | None = None
 
+    @property
+    def checkpoint_prefix(self) -> str:
+        """Checkpoints live beside the run's other artifacts: ``<storage_prefix>/checkpoints/step-N``."""
+        return f"{self.storage_prefix.strip('/')}/checkpoints"
+
 
 @dataclass
 class TrainOutcome:
@@ -407,11 +412,11 @@ class _Uploader(threading.Thread):
             if not fresh:
                 return None
             step, path = fresh[-1]
-            info = upload_checkpoint(self.req.storage, path, self.req.storage_prefix)
+            info = upload_checkpoint(self.req.storage, path, self.req.checkpoint_prefix)
             self.uploaded[step] = info
             self.req.log(f"checkpoint step {step} is durable at {info.uri}")
             self.req.on_event("checkpoint", {"uri": info.uri, "step": step, "sha256": info.sha256})
-            for gone in prune_remote(self.req.storage, self.req.storage_prefix, self.req.keep):
+            for gone in prune_remote(self.req.storage, self.req.checkpoint_prefix, self.req.keep):
                 self.uploaded.pop(gone, None)
             checkpoints.prune(self.local_dir, self.req.keep)
             self.failures = 0
@@ -431,7 +436,7 @@ class ResumePoint:
 def find_resume_point(req: TrainRequest, local_dir: Path) -> ResumePoint:
     """The newest checkpoint that verifies, local or remote; corrupt ones are skipped and said so."""
     local = dict(checkpoints.step_dirs(local_dir))
-    remote = {c.step: c for c in remote_checkpoints(req.storage, req.storage_prefix)}
+    remote = {c.step: c for c in remote_checkpoints(req.storage, req.checkpoint_prefix)}
     claimed_complete = 0
     reasons: list[str] = []
 
@@ -463,7 +468,7 @@ def find_resume_point(req: TrainRequest, local_dir: Path) -> ResumePoint:
                 continue
             return ResumePoint(path, step, remote_uri)
     if claimed_complete:
-        where = req.storage.uri_for(req.storage_prefix)
+        where = req.storage.uri_for(req.checkpoint_prefix)
         if not req.allow_fresh_start:
             raise InfraError(
                 f"all {claimed_complete} checkpoints of run {req.run_id} are corrupt ({'; '.join(reasons)})",
@@ -712,7 +717,7 @@ class Supervisor:
         self.paths.trainer_pid.unlink(missing_ok=True)
 
     def _remember_remote(self) -> None:
-        for ckpt in remote_checkpoints(self.req.storage, self.req.storage_prefix):
+        for ckpt in remote_checkpoints(self.req.storage, self.req.checkpoint_prefix):
             if ckpt.complete and ckpt.step not in self.uploaded:
                 self.uploaded[ckpt.step] = self._remote_info(ckpt.key, ckpt.step)
 
@@ -735,7 +740,7 @@ class Supervisor:
                 if attempt == 2:
                     raise InfraError(
                         f"the final checkpoint of run {self.req.run_id} could not be uploaded to "
-                        f"{self.req.storage.uri_for(self.req.storage_prefix)}: {exc}",
+                        f"{self.req.storage.uri_for(self.req.checkpoint_prefix)}: {exc}",
                         hint="check the storage backend; the local copy is under " + str(self.paths.checkpoints),
                     ) from exc
                 time.sleep(1.0 * (attempt + 1))
