@@ -209,7 +209,5 @@ class Act:
         # Host mode runs steps with this process's environment: uv and python from the test venv first.
         host_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         host_env["GPULINE_ACT_ARTIFACTS"] = str(artifacts)
-        out = subprocess.run(
-            argv, cwd=repo, env=host_env, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        out = subprocess.run(argv, cwd=repo, env=host_env, capture_output=True, text=True, timeout=timeout, check=False)
         return ActResult(out.returncode, out.stdout + out.stderr, cache)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from act_harness import Act, git, init_repo, require_act
 from conftest import TINY_TRAIN, write_project
 from github_fake import FakeGitHub
@@ -197,7 +198,8 @@ def test_release_promotes_to_production_behind_an_environment_and_rolls_back() -
     promote = next(s for s in jobs["promote"]["steps"] if s.get("id") == "promote")
     assert promote["with"]["stage"] == "production"
     rollback = jobs["rollback"]
-    assert "needs.verify.result == 'failure'" in rollback["if"] and "needs.promote.result == 'success'" in rollback["if"]
+    assert "needs.verify.result == 'failure'" in rollback["if"]
+    assert "needs.promote.result == 'success'" in rollback["if"]
     assert "gpuline rollback --stage production" in rollback["steps"][-2]["run"]
 
 
