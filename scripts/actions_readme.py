@@ -82,8 +82,8 @@ def render(name: str, meta: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def action_dirs(root: Path = ACTIONS) -> list[Path]:
-    return sorted(p.parent for p in root.glob("*/action.yml"))
+def action_dirs(root: Path | None = None) -> list[Path]:
+    return sorted(p.parent for p in (root or ACTIONS).glob("*/action.yml"))
 
 
 def main(argv: list[str] | None = None) -> int:
