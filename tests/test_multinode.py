@@ -1,0 +1,95 @@
+"""Two nodes x one process through torchrun's c10d rendezvous on 127.0.0.1 (gloo on CPU).
+
+Each "node" is its own supervisor with its own local disk, sharing only the durable store, as two
+machines would. Only rank 0 commits checkpoints; when the run is resumed, every rank resumes from the
+same step.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from fixtures_training import Recorder
+from gpuline import checkpoints
+from gpuline.storage import open_storage
+from gpuline.supervisor import TrainOutcome, TrainRequest, supervise
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "templates" / "example"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _run_two_nodes(tmp_path: Path, steps: int) -> list[tuple[TrainOutcome, Recorder]]:
+    endpoint = f"127.0.0.1:{_free_port()}"
+    results: dict[int, tuple[TrainOutcome, Recorder]] = {}
+    errors: list[BaseException] = []
+
+    def node(index: int) -> None:
+        rec = Recorder()
+        request = TrainRequest(
+            run_id="run-multi",
+            command=[sys.executable, "train.py"],
+            cwd=EXAMPLE,
+            workdir=tmp_path / f"node{index}",
+            storage=open_storage("file://shared-store", tmp_path),
+            storage_prefix="runs/run-multi",
+            hyperparameters={"steps": steps, "batch_size": 32, "lr": 0.05, "seed": 0, "hidden": 32},
+            dataset_path=EXAMPLE / "data" / "digits.npz",
+            checkpoint_interval=20,
+            keep=3,
+            max_duration_s=240,
+            max_restarts=0,
+            allow_fresh_start=False,
+            nnodes=2,
+            nprocs_per_node=1,
+            on_event=rec.event,
+            log=rec.log,
+            imds_endpoint="off",
+            rdzv_endpoint=endpoint,
+        )
+        try:
+            results[index] = (supervise(request), rec)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=280)
+    assert not errors, errors
+    assert len(results) == 2, "a node did not finish"
+    return [results[0], results[1]]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_resume_from_the_same_step_and_only_rank0_checkpoints(tmp_path: Path) -> None:
+    first = _run_two_nodes(tmp_path, steps=60)
+    for outcome, rec in first:
+        assert outcome.stop_reason == "completed", rec.lines[-20:]
+    committed = [len(checkpoints.complete(tmp_path / f"node{i}" / "checkpoints")) for i in range(2)]
+    assert sorted(committed) == [0, 3], committed  # rank 0's node alone wrote checkpoints
+    evaluated = [o.eval_metrics for o, _ in first if o.eval_metrics]
+    assert len(evaluated) == 1 and evaluated[0]["accuracy"] > 0.5
+
+    second = _run_two_nodes(tmp_path, steps=100)
+    lines = [line for _, rec in second for line in rec.lines]
+    for outcome, rec in second:
+        assert outcome.stop_reason == "completed", rec.lines[-20:]
+        assert outcome.resumed_from_step == 60
+        assert len(rec.matching("resuming run run-multi from checkpoint step 60")) == 1
+    assert sum("[rank 0] resumed at step 60" in line for line in lines) == 1
+    assert sum("[rank 1] resumed at step 60" in line for line in lines) == 1
+    stored = open_storage("file://shared-store", tmp_path)
+    steps = sorted(int(k.split("step-")[1][:8]) for k in stored.list("runs/run-multi/checkpoints/") if "manifest" in k)
+    assert steps == [60, 80, 100]
