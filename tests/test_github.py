@@ -450,3 +450,18 @@ def test_every_request_of_the_github_module_conforms(fake_github: FakeGitHub, gh
     github.set_deployment_status(REPO, deployment, "in_progress", gh=gh)
     assert len(fake_github.requests) >= 7
     assert fake_github.violations == []
+
+
+def test_the_token_is_masked_and_appears_nowhere_else(
+    api_env: FakeGitHub, actions_env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    token = "ghs_" + "s3cr3t" * 6
+    monkeypatch.setenv("GITHUB_TOKEN", token)
+    monkeypatch.setenv("GPULINE_PR_NUMBER", "7")
+    assert cli_main(["comment", "--body-file", _body(tmp_path, "e.md", "est")]) == 0
+    printed = capsys.readouterr()
+    lines = [line for line in (printed.out + printed.err).splitlines() if token in line]
+    assert lines == [f"::add-mask::{token}"]  # the runner hides it from every later line
+    for path in actions_env.values():
+        assert token not in path.read_text()
+    assert all(token not in c["body"] for c in api_env.comments_on(REPO, 7))
