@@ -57,6 +57,20 @@ def test_snapshot_is_independent_of_the_live_state(tmp_path: Path) -> None:
     assert torch.count_nonzero(TorchCheckpointer.load(tmp_path / "step-00000001")["model"]["w"]) == 0
 
 
+def test_later_saves_copy_into_the_previous_snapshot_memory(tmp_path: Path) -> None:
+    ckpt = TorchCheckpointer(tmp_path, "r")
+    live = {"model": {"w": torch.zeros(1000), "b": torch.zeros(3)}}
+    ckpt.save(1, live, block=True)
+    first_buffer = ckpt._buffers["model"]["w"]  # type: ignore[index]
+    live["model"]["w"].add_(2.0)
+    live["model"]["b"] = torch.zeros(5)  # a changed shape gets fresh memory
+    ckpt.save(2, live, block=True)
+    assert ckpt._buffers["model"]["w"] is first_buffer  # type: ignore[index]
+    assert TorchCheckpointer.load(tmp_path / "step-00000002")["model"]["w"].sum().item() == 2000.0
+    assert TorchCheckpointer.load(tmp_path / "step-00000002")["model"]["b"].shape == (5,)
+    assert TorchCheckpointer.load(tmp_path / "step-00000001")["model"]["w"].sum().item() == 0.0
+
+
 def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
     ckpt = TorchCheckpointer(tmp_path, "r")
     big = {"model": {"w": torch.randn(2_000_000)}}
