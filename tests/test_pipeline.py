@@ -122,8 +122,8 @@ def test_bad_dataset_hash_fails_preflight_and_provisions_nothing(example: Path, 
     config = project / "gpuline.yml"
     text = config.read_text()
     line = next(i for i, t in enumerate(text.splitlines(), 1) if "sha256:" in t)
-    old = text.splitlines()[line - 1].split("sha256:")[1].strip()
-    config.write_text(text.replace(old, "0" * 64))
+    old = text.splitlines()[line - 1].split("sha256:")[1].strip().strip("\"")
+    config.write_text(text.replace(old, "f" * 64))
     result = gpuline(project, "run", "--tier", "nightly", check=False)
     assert result.returncode == 2
     assert f"gpuline.yml:{line}: dataset.sha256: dataset hash mismatch" in result.stderr
