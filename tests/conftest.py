@@ -53,16 +53,22 @@ def read_outputs(path: Path) -> dict[str, str]:
 
 TINY_TRAIN = '''
 """A tiny pure-Python trainer that honours the gpuline contract (no torch), for fast pipeline tests."""
-import json, os, pathlib, sys, time
-hp = json.loads(os.environ.get("GPULINE_HPARAMS", "{}"))
-metrics = pathlib.Path(os.environ["GPULINE_METRICS_PATH"])
-w, target = 0.0, 3.0
-if os.environ.get("GPULINE_SMOKE") == "1":
-    with metrics.open("a") as fh:
-        for step in range(20):
-            w += 0.2 * (target - w)
-            fh.write(json.dumps({"step": step, "loss": (target - w) ** 2}) + "\\n")
-    sys.exit(0)
+import json, os, pathlib, sys
+
+
+def main() -> None:
+    metrics = pathlib.Path(os.environ["GPULINE_METRICS_PATH"])
+    w, target = 0.0, 3.0
+    if os.environ.get("GPULINE_SMOKE") == "1":
+        with metrics.open("a") as fh:
+            for step in range(20):
+                w += 0.2 * (target - w)
+                fh.write(json.dumps({"step": step, "loss": (target - w) ** 2}) + "\\n")
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
 '''
 
 
