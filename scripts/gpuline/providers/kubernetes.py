@@ -8,6 +8,7 @@ honours selectors. The instance id is ``<kind>/<namespace>/<name>``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -136,10 +137,11 @@ class KubernetesProvider:
                 made = self._core().create_namespaced_secret(ns, manifest)
             elif kind == "PyTorchJob":
                 group, version, plural = _KUBEFLOW
-                body: dict[str, Any] = self._custom().create_namespaced_custom_object(
-                    group, version, ns, plural, manifest
+                return _json(
+                    self._custom().create_namespaced_custom_object(
+                        group, version, ns, plural, manifest, _preload_content=False
+                    )
                 )
-                return body
             else:  # pragma: no cover - build_manifests makes only the kinds above
                 raise InfraError(f"cannot create a {kind}")
         except GpulineError:
@@ -165,8 +167,9 @@ class KubernetesProvider:
                 body: dict[str, Any] = self.api.sanitize_for_serialization(obj)
                 return body
             group, version, plural = _KUBEFLOW
-            custom: dict[str, Any] = self._custom().get_namespaced_custom_object(group, version, ns, plural, name)
-            return custom
+            return _json(
+                self._custom().get_namespaced_custom_object(group, version, ns, plural, name, _preload_content=False)
+            )
         except Exception as exc:
             if _status(exc) == 404:
                 return None
@@ -221,7 +224,11 @@ class KubernetesProvider:
     def _list_pytorchjobs(self, ns: str) -> list[dict[str, Any]]:
         group, version, plural = _KUBEFLOW
         try:
-            body = self._custom().list_namespaced_custom_object(group, version, ns, plural, label_selector=_MANAGED)
+            body = _json(
+                self._custom().list_namespaced_custom_object(
+                    group, version, ns, plural, label_selector=_MANAGED, _preload_content=False
+                )
+            )
         except Exception as exc:
             if _status(exc) in (404, 403):
                 return []  # the CRD is not installed (or we may not see it): nothing of ours there
@@ -314,6 +321,12 @@ class KubernetesProvider:
         return "pending"
 
 
+def _json(response: Any) -> dict[str, Any]:
+    # Custom objects are read raw: the client's generic "object" decoding is not reliable across versions.
+    body = json.loads(response.data or b"{}")
+    return body if isinstance(body, dict) else {}
+
+
 def _is_ours(obj: dict[str, Any]) -> bool:
     labels = obj.get("metadata", {}).get("labels") or {}
     return bool(labels.get(label_key(TAG_MANAGED)) == "true")
@@ -364,6 +377,8 @@ def _status(exc: Exception) -> int | None:
 
 
 def _as_error(exc: Exception, doing: str) -> GpulineError:
+    if isinstance(exc, GpulineError):
+        return exc  # already ours (a configuration problem found on the way)
     status = _status(exc)
     reason = getattr(exc, "reason", None) or type(exc).__name__
     if status in (401, 403):

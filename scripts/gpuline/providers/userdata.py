@@ -83,7 +83,7 @@ if [ ! -x "$ROOT$RUNNER_DIR/run.sh" ]; then
   curl -fsSL --retry 5 -o "$ROOT/run/gpuline/runner.tgz" \\
     "$base/v$RUNNER_VERSION/actions-runner-linux-$arch-$RUNNER_VERSION.tar.gz" \\
     && tar xzf "$ROOT/run/gpuline/runner.tgz" -C "$ROOT$RUNNER_DIR" \\
-    || { echo "gpuline: cannot install the runner; powering off"; poweroff; exit 1; }
+    || {{ echo "gpuline: cannot install the runner; powering off"; poweroff; exit 1; }}
 fi
 id -u "$RUNNER_USER" >/dev/null 2>&1 || useradd -m "$RUNNER_USER"
 chown -R "$RUNNER_USER" "$ROOT$RUNNER_DIR"
