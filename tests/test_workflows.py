@@ -391,7 +391,9 @@ def consumer_repo(root: Path, act: Act) -> Path:
         (repo / "policy.yml").write_text(POLICY)
     workflows = repo / ".github/workflows"
     workflows.mkdir(parents=True)
-    shutil.copy(ROOT / "templates/workflows/pr.yml", workflows / "pr.yml")
+    caller = (ROOT / "templates/workflows/pr.yml").read_text()
+    # The runner's python (this test's, which has the example's packages) instead of installing torch.
+    (workflows / "pr.yml").write_text(caller + '      python: path\n      extras: ""\n')
     (repo / ".gitignore").write_text(".gpuline/\n__pycache__/\n")
     init_repo(repo)
     git(repo, "checkout", "-qb", "feature")
@@ -450,3 +452,42 @@ def test_act_pr_fast_without_a_token_skips_the_comment_and_passes(
     assert result.returncode == 0, result.log[-8000:]
     assert "PR comment skipped: no GitHub token" in result.log
     assert fake_github.requests == []
+
+
+NIGHTLY_CALLER = """\
+name: gpuline nightly
+on: workflow_dispatch
+permissions: {}
+jobs:
+  gpuline:
+    uses: gpuline/gpuline/.github/workflows/nightly.yml@v1
+    permissions:
+      contents: read
+      id-token: write
+      deployments: write
+      pull-requests: write
+    with:
+      config: gpuline.yml
+      gpu-runner-label: ubuntu-latest
+      python: path
+      extras: ""
+"""
+
+
+@pytest.mark.slow
+def test_act_nightly_tier_carries_the_run_from_job_to_job(act_setup: Act, tmp_path: Path) -> None:
+    if not honours_gpuline_python():
+        pytest.skip("the example's train.py needs numpy/torch from the runner's python: needs GPULINE_PYTHON support")
+    repo = tmp_path / "consumer"
+    example_into(repo)
+    (repo / ".github/workflows").mkdir(parents=True)
+    (repo / ".github/workflows/nightly.yml").write_text(NIGHTLY_CALLER)
+    (repo / ".gitignore").write_text(".gpuline/\n__pycache__/\n")
+    init_repo(repo)
+    result = act_setup.run(repo, "workflow_dispatch", ".github/workflows/nightly.yml")
+    assert result.returncode == 0, result.log[-8000:]
+    names = ("preflight and cost estimate", "provision GPU", "train", "eval gate", "promote to staging", "teardown")
+    for name in names:
+        assert re.search(rf"nightly/{re.escape(name)}[^\]]*\]\s+🏁  Job succeeded", result.log), name
+    assert "gpuline eval gate: pass" in result.log
+    assert "Restore the run state" in result.log
