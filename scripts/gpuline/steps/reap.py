@@ -363,13 +363,13 @@ def _workflow_finished(workflow: dict[str, Any]) -> str | None:
 
     if not github.token_from_env():
         return None
+    path = f"/repos/{workflow['repo']}/actions/runs/{int(workflow['run_id'])}"
     try:
-        gh = github.client()
-        found = gh.get_repo(str(workflow["repo"]), lazy=True).get_workflow_run(int(workflow["run_id"]))
+        _, found = github.client().requester.requestJsonAndCheck("GET", path)
     except Exception:  # unknown is not gone: leave it to the TTL
         return None
-    if found.status == "completed":
-        return f"its workflow run {workflow['run_id']} is completed ({found.conclusion})"
+    if isinstance(found, dict) and found.get("status") == "completed":
+        return f"its workflow run {workflow['run_id']} is completed ({found.get('conclusion')})"
     return None
 
 
