@@ -29,6 +29,7 @@ from gpuline.runs import utcnow
 from gpuline.spec import load_spec
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["github_fake"]
 
 JIT = "c2VjcmV0LWppdC1jb25maWctdmFsdWU="
 RUN_ID = "run-20260101-000000-abcdef"
@@ -427,3 +428,131 @@ def test_boot_script_rejects_what_is_not_a_jit_config_and_oversized_setup(tmp_pa
     with pytest.raises(ConfigError, match="EC2 allows 16384") as info:
         render_user_data(lease(tmp_path), startup_script="x" * MAX_USER_DATA_BYTES)
     assert "startup_script" in (info.value.hint or "")
+
+
+# ---------------------------------------------------------------- the provision step (lease, then launch)
+
+
+def ec2_project(tmp_path: Path, options: str = "", policy: str | None = None) -> Path:
+    config = write_project(
+        tmp_path / "proj",
+        spec_extra=f"  region: us-east-1\n  options:\n    image_id: {ami()}\n{options}",
+        policy=policy,
+    )
+    text = config.read_text().replace("provider: local", "provider: ec2").replace("gpu_type: cpu", "gpu_type: t4")
+    config.write_text(text.replace("  max_duration: 10m", "  gpu_count: 1\n  max_duration: 10m"))
+    return config
+
+
+def events(config: Path, kind: str) -> list[dict[str, Any]]:
+    from gpuline.context import Context
+
+    ctx = Context(config_path=config, tier="nightly")
+    (record,) = ctx.ledger.list_runs()
+    return [e.data for e in ctx.ledger.events(record.run_id) if e.kind == kind]
+
+
+def the_run(config: Path) -> Any:
+    from gpuline.context import Context
+
+    (record,) = Context(config_path=config, tier="nightly").ledger.list_runs()
+    return record
+
+
+def test_provision_step_records_the_failed_over_attempts_in_the_run_record(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "g4dn.xlarge=InsufficientInstanceCapacity,g5.xlarge=InsufficientInstanceCapacity")
+    config = ec2_project(tmp_path, "    instance_types: [g4dn.xlarge, g5.xlarge, g6.xlarge]\n")
+    code = cli_main(config)
+    assert code == 0, capsys.readouterr().err
+    record = the_run(config)
+    assert record.instance_type == "g6.xlarge" and record.instance_id == running()[0]["InstanceId"]
+    assert record.times.requested <= record.times.provisioned
+    (provisioned,) = events(config, "machine.provisioned")
+    assert [(f["instance_type"], f["code"]) for f in provisioned["failures"]] == [
+        ("g4dn.xlarge", "InsufficientInstanceCapacity"),
+        ("g5.xlarge", "InsufficientInstanceCapacity"),
+    ]
+    assert provisioned["launch_s"] >= 0
+    # The lease was recorded before the launch, with its holder.
+    (leased,) = events(config, "lease.recorded")
+    assert leased["lease_id"] == record.lease_id and "holder" in leased
+
+
+def cli_main(config: Path, *args: str) -> int:
+    from gpuline import cli
+
+    return cli.main(["provision", "--config", str(config), "--tier", "nightly", *args])
+
+
+def test_provision_step_exits_3_with_every_failure_when_all_are_exhausted(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "*=InsufficientInstanceCapacity")
+    config = ec2_project(tmp_path, "    instance_types: [g4dn.xlarge, g5.xlarge, g6.xlarge]\n")
+    assert cli_main(config) == 3
+    err = capsys.readouterr().err
+    for itype in ("g4dn.xlarge", "g5.xlarge", "g6.xlarge"):
+        assert f"{itype} on-demand: InsufficientInstanceCapacity" in err
+    assert running() == []
+    record = the_run(config)
+    assert record.status == "failed" and record.instance_id is None
+    (failed,) = events(config, "machine.failed")
+    assert len(failed["failures"]) == 3
+
+
+def test_policy_that_allows_only_spot_turns_the_on_demand_fallback_off(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULTS_ENV, "spot=InsufficientInstanceCapacity")
+    options = "    instance_types: [g4dn.xlarge]\n    on_demand_fallback: true\n"
+    config = ec2_project(tmp_path, options, policy="version: 1\ntiers:\n  nightly:\n    allowed_lanes: [spot]\n")
+    config.write_text(config.read_text().replace("  gpu_count: 1\n", "  gpu_count: 1\n  lane: spot\n"))
+    assert cli_main(config) == 3
+    assert running() == []
+    allowed = ec2_project(tmp_path / "b", options)
+    allowed.write_text(allowed.read_text().replace("  gpu_count: 1\n", "  gpu_count: 1\n  lane: spot\n"))
+    assert cli_main(allowed) == 0
+    assert the_run(allowed).lane == "on-demand"
+
+
+def test_a_runner_label_registers_a_single_use_runner_with_a_unique_label(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch, fake_github: Any
+) -> None:
+    monkeypatch.setenv("GITHUB_API_URL", fake_github.base_url)
+    monkeypatch.setenv("GPULINE_GITHUB_TOKEN", "t")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "octo/models")
+    config = ec2_project(tmp_path)
+    assert cli_main(config, "--runner-label", "gpu") == 0
+    record = the_run(config)
+    assert record.runner_label == f"gpuline-{record.run_id}"
+    (runner,) = fake_github.runners["octo/models"].values()
+    assert runner["name"] == f"gpuline-{record.run_id}" and runner["labels"] == [record.runner_label, "gpu"]
+    (registered,) = events(config, "runner.registered")
+    assert registered["runner_id"] == runner["id"]
+    import base64
+
+    raw = ec2().describe_instance_attribute(InstanceId=record.instance_id, Attribute="userData")
+    script = base64.b64decode(raw["UserData"]["Value"]).decode()
+    jit = script.split("<<'JIT'\n")[1].split("\n")[0]
+    assert jit and jit not in json_dump_events(config)
+    assert jit not in repr(tags_of(running()[0]))
+
+
+def json_dump_events(config: Path) -> str:
+    from gpuline.context import Context
+
+    ctx = Context(config_path=config, tier="nightly")
+    (record,) = ctx.ledger.list_runs()
+    return repr([e.data for e in ctx.ledger.events(record.run_id)]) + record.model_dump_json()
+
+
+def test_a_runner_label_without_a_token_fails_before_anything_is_launched(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GITHUB_REPOSITORY", "octo/models")
+    config = ec2_project(tmp_path)
+    assert cli_main(config, "--runner-label", "gpu") == 2
+    assert "needs a GitHub token" in capsys.readouterr().err
+    assert running() == []

@@ -164,7 +164,8 @@ def _record_machine(
         r.instance_type = machine.instance_type or r.instance_type
         r.lane = machine.lane or r.lane
         r.region = machine.region or r.region
-        r.times.provisioned = machine.launched_at or utcnow()
+        # Clouds report launch times to the second: never let the machine appear before its lease.
+        r.times.provisioned = max(machine.launched_at or utcnow(), leased_at)
 
     record = ctx.ledger.update_run(record.run_id, started)
     provisioned = record.times.provisioned or utcnow()
@@ -179,8 +180,7 @@ def _record_machine(
         lane=record.lane,
         region=record.region,
         requested_to_provisioned_s=waited,
-        # EC2 reports launch times to the second, so clamp the rounding below zero away.
-        launch_s=max(0.0, round((provisioned - leased_at).total_seconds(), 3)),
+        launch_s=round((provisioned - leased_at).total_seconds(), 3),
     )
     for failure in machine.failures:
         gha.info(f"failed over: {failure.get('instance_type')} {failure.get('lane')} {failure.get('code')}")
