@@ -234,6 +234,23 @@ def test_checkpoints_written_without_a_manifest_are_committed_by_the_supervisor(
     assert rec.matching("committed a manifest for checkpoint step 12")
 
 
+def test_a_plain_final_save_on_sigterm_is_committed_but_a_torn_one_after_a_crash_is_not(tmp_path: Path) -> None:
+    req = make_request(tmp_path, steps=400, sleep=0.02, plain=True)
+    when_metrics_reach(req.workdir / "metrics.jsonl", 7, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    outcome = supervise(req)
+    assert outcome.stop_reason == "preempted" and outcome.final_step is not None
+    assert outcome.checkpoints[-1].step == outcome.final_step  # saved on SIGTERM, exit 143: adopted
+
+    crashed = tmp_path / "crashed"
+    req = make_request(crashed, steps=20, plain=True, crash_always=12, max_restarts=0)
+    torn = req.workdir / "checkpoints" / "step-00000011"
+    torn.mkdir(parents=True)  # what a crash mid-save leaves: the newest directory, half written
+    outcome = supervise(req)
+    assert outcome.stop_reason == "failed"
+    assert not (torn / checkpoints.MANIFEST).exists()
+    assert [c.step for c in outcome.checkpoints] == [5, 10]
+
+
 def test_sigkill_of_the_supervisor_then_rerun_resumes(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     write_trainer(tmp_path)
@@ -296,6 +313,28 @@ def test_missing_command_is_an_input_error(tmp_path: Path) -> None:
 def test_keep_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(InputError):
         supervise(make_request(tmp_path, keep=0))
+
+
+def _readme_trainer(directory: Path) -> Path:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("A\nframework-free trainer:\n\n```python\n", 1)[1].split("```", 1)[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "readme_train.py").write_text(block)
+    return directory / "readme_train.py"
+
+
+def test_the_readme_framework_free_trainer_honours_the_contract(tmp_path: Path) -> None:
+    script = _readme_trainer(tmp_path)
+    req = make_request(tmp_path)
+    req.command = [sys.executable, script.name]
+    req.hyperparameters = {"steps": 12}
+    first = supervise(req)
+    assert first.stop_reason == "completed" and [c.step for c in first.checkpoints] == [5, 10, 12]
+    req.hyperparameters = {"steps": 20}
+    done = supervise(req)
+    assert done.resumed_from_step == 12 and done.final_step == 20
+    assert done.stop_reason == "completed" and "loss" in done.eval_metrics
+    assert smoke_test([sys.executable, script.name], tmp_path, None, {"steps": 5}, 60).fell
 
 
 # ---------------------------------------------------------------- launching

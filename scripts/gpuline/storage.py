@@ -434,15 +434,21 @@ def upload_checkpoint(
     prefix: str,
     *,
     on_file: Callable[[str], None] | None = None,
+    replace: bool = True,
 ) -> CheckpointInfo:
-    """Upload a committed local checkpoint: every file first, its manifest last."""
+    """Upload a committed local checkpoint: every file first, its manifest last.
+
+    ``replace=False`` says the caller knows this step has no manifest in the store yet, which saves
+    a request.
+    """
     result = checkpoints.verify(checkpoint, hashes=False)
     if not result.ok or result.manifest is None or result.step is None:
         raise CorruptCheckpoint(f"{checkpoint} is not a complete checkpoint: {result.reason}")
     key = f"{prefix.strip('/')}/{checkpoints.step_dir_name(result.step)}"
     # If this step was uploaded before (a resumed run re-saving it), it stops claiming completeness
     # before any of its files change.
-    storage.delete(f"{key}/{MANIFEST}")
+    if replace:
+        storage.delete(f"{key}/{MANIFEST}")
     for rel, entry in sorted(result.manifest["files"].items()):
         storage.put_file(checkpoint / rel, f"{key}/{rel}", sha256=entry["sha256"])
         if on_file is not None:

@@ -412,7 +412,8 @@ class _Uploader(threading.Thread):
             if not fresh:
                 return None
             step, path = fresh[-1]
-            info = upload_checkpoint(self.req.storage, path, self.req.checkpoint_prefix)
+            # Steps in the store were all listed at start, so a step not in ``uploaded`` has no manifest there.
+            info = upload_checkpoint(self.req.storage, path, self.req.checkpoint_prefix, replace=False)
             self.uploaded[step] = info
             self.req.log(f"checkpoint step {step} is durable at {info.uri}")
             self.req.on_event("checkpoint", {"uri": info.uri, "step": step, "sha256": info.sha256})
@@ -579,20 +580,27 @@ class Supervisor:
         resume_path = resume.path
         while True:
             self.paths.eval.unlink(missing_ok=True)
+            uploader.trainer_exited_cleanly = False
             code = self._run_once(resume_path, tail)
+            # A script that exited by itself (done, or saved-and-stopped on SIGTERM) has finished
+            # writing its newest checkpoint; one that crashed or was killed may have left it torn.
+            uploader.trainer_exited_cleanly = code in (0, 128 + signal.SIGTERM)
             finished = code == 0 and (self.paths.eval.exists() or not self.stop.event.is_set())
             if finished:
-                uploader.trainer_exited_cleanly = True
                 req.log(f"trainer finished (exit 0) after {time.monotonic() - self.started:.1f}s")
                 return code, "completed"
             if self.stop.event.is_set():
-                uploader.trainer_exited_cleanly = code == 0
                 assert self.stop.reason is not None
                 return code, self.stop.reason
             external_sigterm = code == 128 + signal.SIGTERM
             if external_sigterm:
                 self.preemptions += 1
                 req.on_event("preemption", {"source": "trainer_sigterm", "exit_code": code})
+                if req.nnodes > 1:
+                    # Ranks stop together: this node's ranks saved and stopped because a peer node was
+                    # told to stop. Relaunching alone would only wait for a rendezvous that never fills.
+                    req.log("trainer stopped with its peers (exit 143); not restarting a multi-node run alone")
+                    return code, "preempted"
             if self.restarts >= req.max_restarts:
                 req.log(f"trainer exited with code {code}; no restarts left (max_restarts={req.max_restarts})")
                 return code, "failed"
