@@ -39,7 +39,9 @@ def test_mask_is_silent_outside_actions(capsys: pytest.CaptureFixture[str]) -> N
     assert "s3cr3t" not in capsys.readouterr().out
 
 
-def test_annotation_escapes_properties_and_data(actions_env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_annotation_escapes_properties_and_data(
+    actions_env: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     gha.annotate("error", "bad: 100%\nnext", title="a, b", location=Location("dir/gpuline.yml", line=7))
     out = capsys.readouterr().out.strip()
     assert out == "::error file=dir/gpuline.yml,line=7,title=a%2C b::bad: 100%25%0Anext"
@@ -69,3 +71,14 @@ def test_groups_in_actions_and_json_mode_goes_to_stderr(
         assert captured.out == "" and "human" in captured.err
     finally:
         gha.set_json_mode(False)
+
+
+def test_annotation_paths_are_relative_to_the_workspace(
+    actions_env: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(tmp_path))
+    gha.annotate("error", "x", location=Location(tmp_path / "ml" / "gpuline.yml", line=3))
+    gha.annotate("error", "y", location=Location("/elsewhere/gpuline.yml", line=4))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("::error file=ml/gpuline.yml,line=3")
+    assert out[1].startswith("::error file=/elsewhere/gpuline.yml,line=4")

@@ -62,9 +62,7 @@ def test_nightly_runs_every_step_and_stages_version_1(nightly: dict[str, Any]) -
     assert nightly["teardown"]["lease_released"] is True
 
 
-def test_release_promotes_production_and_rollback_restores_the_previous(
-    example: Path, nightly: dict[str, Any]
-) -> None:
+def test_release_promotes_production_and_rollback_restores_the_previous(example: Path, nightly: dict[str, Any]) -> None:
     first = as_json(gpuline(example, "run", "--tier", "release", "--json"))
     assert (first["version"], first["stage"]) == (2, "production")
     second = as_json(gpuline(example, "run", "--tier", "release", "--json"))
@@ -94,12 +92,19 @@ def test_sigkilled_train_resumes_from_the_newest_checkpoint(example: Path) -> No
     checkpoints = example / ".gpuline" / "artifacts" / "runs" / run_id / "checkpoints"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpuline.cli", "train", "--run-id", run_id],
-        cwd=example, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=example,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            done = [p for p in checkpoints.glob("step-*") if (p / "manifest.json").exists()] if checkpoints.exists() else []
+            done = (
+                [p for p in checkpoints.glob("step-*") if (p / "manifest.json").exists()]
+                if checkpoints.exists()
+                else []
+            )
             if len(done) >= 2:
                 break
             assert proc.poll() is None, "train finished before it could be killed"
@@ -122,7 +127,7 @@ def test_bad_dataset_hash_fails_preflight_and_provisions_nothing(example: Path, 
     config = project / "gpuline.yml"
     text = config.read_text()
     line = next(i for i, t in enumerate(text.splitlines(), 1) if "sha256:" in t)
-    old = text.splitlines()[line - 1].split("sha256:")[1].strip().strip("\"")
+    old = text.splitlines()[line - 1].split("sha256:")[1].strip().strip('"')
     config.write_text(text.replace(old, "f" * 64))
     result = gpuline(project, "run", "--tier", "nightly", check=False)
     assert result.returncode == 2

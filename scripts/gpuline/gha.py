@@ -86,7 +86,7 @@ def annotate(level: str, message: str, *, title: str | None = None, location: Lo
         props: dict[str, str | int | None] = {"title": title}
         if location is not None:
             props = {
-                "file": str(location.file),
+                "file": _workspace_path(location.file),
                 "line": location.line,
                 "col": location.column,
                 "title": title,
@@ -94,6 +94,18 @@ def annotate(level: str, message: str, *, title: str | None = None, location: Lo
         _command(level, message, props)
     else:
         print(f"{level}: {message}", file=sys.stderr, flush=True)
+
+
+def _workspace_path(file: Path | str) -> str:
+    """GitHub attaches an annotation to a file only by its path relative to the repository root."""
+    workspace = os.environ.get("GITHUB_WORKSPACE")
+    path = Path(file)
+    if not workspace:
+        return str(path)
+    try:
+        return path.resolve().relative_to(Path(workspace).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def info(message: str) -> None:

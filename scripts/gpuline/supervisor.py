@@ -438,7 +438,7 @@ def find_resume_point(req: TrainRequest, local_dir: Path) -> ResumePoint:
     """The newest checkpoint that verifies, local or remote; corrupt ones are skipped and said so."""
     local = dict(checkpoints.step_dirs(local_dir))
     remote = {c.step: c for c in remote_checkpoints(req.storage, req.checkpoint_prefix)}
-    claimed_complete = 0
+    claimed_complete: set[int] = set()  # steps whose manifest said "complete" somewhere
     reasons: list[str] = []
 
     def skip(step: int, uri: str, reason: str) -> None:
@@ -454,14 +454,14 @@ def find_resume_point(req: TrainRequest, local_dir: Path) -> ResumePoint:
                 durable = step in remote and remote[step].complete
                 return ResumePoint(local[step], step, remote_uri if durable else local[step].as_uri())
             if (local[step] / checkpoints.MANIFEST).exists():
-                claimed_complete += 1
+                claimed_complete.add(step)
             skip(step, local[step].as_uri(), result.reason)
         if step in remote:
             assert remote_uri is not None
             if not remote[step].complete:
                 skip(step, remote_uri, "incomplete: no manifest.json")
                 continue
-            claimed_complete += 1
+            claimed_complete.add(step)
             try:
                 path = download_checkpoint(req.storage, remote[step].key, local_dir)
             except CorruptCheckpoint as exc:
@@ -472,7 +472,7 @@ def find_resume_point(req: TrainRequest, local_dir: Path) -> ResumePoint:
         where = req.storage.uri_for(req.checkpoint_prefix)
         if not req.allow_fresh_start:
             raise InfraError(
-                f"all {claimed_complete} checkpoints of run {req.run_id} are corrupt ({'; '.join(reasons)})",
+                f"all {len(claimed_complete)} checkpoints of run {req.run_id} are corrupt ({'; '.join(reasons)})",
                 hint=f"restore a good checkpoint under {where}, or set checkpoint.allow_fresh_start: true "
                 "to train from step 0",
             )
@@ -896,7 +896,7 @@ def check_entrypoint_imports(path: Path, cwd: Path, *, python: str | None = None
     """
     if not path.is_file():
         raise InputError(f"entrypoint {path} does not exist", hint="fix entrypoint.import_check in gpuline.yml")
-    interpreter = python or sys.executable
+    interpreter = python or os.environ.get("GPULINE_PYTHON") or sys.executable
     try:
         done = subprocess.run(
             [interpreter, "-c", _IMPORT_CHECK, str(path)],

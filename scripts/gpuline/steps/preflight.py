@@ -128,10 +128,11 @@ def check_entrypoint(ctx: Context, spec: Spec) -> str:
 
 
 def entry_command(spec: Spec) -> list[str]:
-    # "python" in the spec means the interpreter gpuline runs under, so the same venv is used everywhere.
+    # "python" in the spec means the project's interpreter: GPULINE_PYTHON when gpuline itself lives in
+    # an isolated venv (as the actions install it), else the interpreter gpuline runs under.
     command = list(spec.entrypoint.command)
     if command and command[0] in ("python", "python3"):
-        command[0] = sys.executable
+        command[0] = os.environ.get("GPULINE_PYTHON") or sys.executable
     return command
 
 
