@@ -306,7 +306,14 @@ def test_final_checkpoint_that_cannot_be_made_durable_is_an_error(tmp_path: Path
 def test_missing_command_is_an_input_error(tmp_path: Path) -> None:
     req = make_request(tmp_path)
     req.command = ["definitely-not-a-command-gpuline"]
-    with pytest.raises(InputError, match="entrypoint command not found"):
+    with pytest.raises(InputError, match="entrypoint command cannot be run: definitely-not-a-command-gpuline"):
+        supervise(req)
+
+
+def test_missing_workdir_is_an_input_error(tmp_path: Path) -> None:
+    req = make_request(tmp_path)
+    req.cwd = tmp_path / "nope"
+    with pytest.raises(InputError, match=r"entrypoint directory .* does not exist"):
         supervise(req)
 
 

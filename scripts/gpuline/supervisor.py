@@ -232,6 +232,8 @@ def _parent_death_signal() -> Callable[[], None] | None:
 
 
 def _start(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    if not cwd.is_dir():
+        raise InputError(f"entrypoint directory {cwd} does not exist", hint="fix entrypoint.workdir in gpuline.yml")
     try:
         return subprocess.Popen(
             argv,
@@ -243,12 +245,11 @@ def _start(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[
             start_new_session=True,  # its own process group: signals reach torchrun and every rank
             preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - only calls a pre-resolved prctl
         )
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, PermissionError) as exc:
         raise InputError(
-            f"entrypoint command not found: {argv[0]}", hint="fix entrypoint.command in gpuline.yml"
+            f"entrypoint command cannot be run: {argv[0]} ({exc.strerror})",
+            hint="fix entrypoint.command in gpuline.yml",
         ) from exc
-    except NotADirectoryError as exc:
-        raise InputError(f"entrypoint directory {cwd} does not exist", hint="fix entrypoint.workdir") from exc
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
