@@ -53,7 +53,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, An
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y).item()
         predicted = logits.argmax(dim=1)
-        slices = {f"digit={d}": round((predicted[y == d] == d).float().mean().item(), 4) for d in range(10)}
+        slices = {
+            f"digit={d}": {"accuracy": round((predicted[y == d] == d).float().mean().item(), 4)} for d in range(10)
+        }
         timings = []
         for i in range(200):  # one-example latency, the way a serving path calls it
             sample = x[i % len(x)].unsqueeze(0)
