@@ -62,10 +62,8 @@ if __name__ == "__main__":
 
 
 def chaos_project(tmp_path: Path, provider: str, image: str) -> Path:
-    if provider == "ec2":
-        extra = f"  region: us-east-1\n  options:\n    image_id: {image}\n"
-    else:
-        extra = f"  image: {image}\n"
+    ec2 = f"  region: us-east-1\n  options:\n    image_id: {image}\n"
+    extra = ec2 if provider == "ec2" else f"  image: {image}\n"
     config = write_project(tmp_path / "proj", train_py=TRAIN, spec_extra=extra)
     text = config.read_text().replace("provider: local", f"provider: {provider}")
     config.write_text(text.replace("gpu_type: cpu", "gpu_type: t4\n  gpu_count: 1"))
@@ -89,7 +87,7 @@ class Cloud:
 
     def live(self) -> list[str]:
         if self.provider == "ec2":
-            filters = [
+            filters: list[Any] = [
                 {"Name": "tag:gpuline:managed", "Values": ["true"]},
                 {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
             ]
