@@ -56,7 +56,7 @@ class SqliteLedger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=60000")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise InfraError(f"cannot open the ledger {path}: {exc}", hint="check the path is writable") from None
 
     @contextmanager

@@ -1,0 +1,65 @@
+"""The DynamoDB ledger against moto's server: the whole ledger contract, table creation, URIs, errors."""
+
+from __future__ import annotations
+
+import secrets
+from decimal import Decimal
+from pathlib import Path
+
+import boto3
+import pytest
+
+from fixtures_aws import serial_aws, serial_moto  # noqa: F401
+from gpuline.errors import InfraError, InputError
+from gpuline.ledger import open_ledger
+from gpuline.ledger.dynamodb import DynamoLedger
+from gpuline.runs import Cap
+from test_ledger_sqlite import PERIOD, LedgerContract, hold
+
+# The serialized moto server, emptied before each test (see fixtures_aws.py for why serialized).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("serial_aws")]
+
+
+class TestDynamoLedger(LedgerContract):
+    @pytest.fixture
+    def uri(self) -> str:
+        return f"dynamodb://gpuline-{secrets.token_hex(3)}?region=us-east-1"
+
+
+def test_first_use_creates_the_four_tables() -> None:
+    DynamoLedger("ci-ledger", region="us-east-1").close()
+    names = boto3.client("dynamodb", region_name="us-east-1").list_tables()["TableNames"]
+    assert sorted(n for n in names if n.startswith("ci-ledger-")) == [
+        "ci-ledger-events",
+        "ci-ledger-leases",
+        "ci-ledger-quota",
+        "ci-ledger-runs",
+    ]
+    DynamoLedger("ci-ledger", region="us-east-1").close()  # a second open finds them
+
+
+def test_the_budget_counters_are_exact_decimals() -> None:
+    ledger = DynamoLedger("exact", region="us-east-1")
+    for i in range(10):
+        assert ledger.reserve(hold(f"r{i}", 0.1, 0.1), Cap(gpu_hours=1.0, usd=1.0))
+    assert not ledger.reserve(hold("r10", 0.1, 0.1), Cap(gpu_hours=1.0, usd=1.0))
+    item = boto3.client("dynamodb", region_name="us-east-1").get_item(
+        TableName="exact-quota", Key={"pk": {"S": f"team#vision#{PERIOD}"}}
+    )["Item"]
+    # Ten holds of 0.1 sum to exactly 1 on the server (floats would give 0.9999999999999999).
+    assert Decimal(item["total_h"]["N"]) == 1 and Decimal(item["held_usd"]["N"]) == 1
+
+
+@pytest.mark.parametrize("uri", ["dynamodb://", "dynamodb://ab", "dynamodb://bad name"])
+def test_a_bad_table_prefix_is_an_input_error(uri: str) -> None:
+    with pytest.raises(InputError, match="no valid table prefix"):
+        open_ledger(uri, Path("."))
+
+
+def test_an_unreachable_endpoint_is_an_infra_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(InfraError, match="cannot reach DynamoDB"):
+        DynamoLedger("offline", region="us-east-1")
