@@ -556,3 +556,16 @@ def test_a_runner_label_without_a_token_fails_before_anything_is_launched(
     assert cli_main(config, "--runner-label", "gpu") == 2
     assert "needs a GitHub token" in capsys.readouterr().err
     assert running() == []
+
+
+def test_a_runner_registered_for_a_launch_that_failed_is_deleted_again(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch, fake_github: Any
+) -> None:
+    monkeypatch.setenv("GITHUB_API_URL", fake_github.base_url)
+    monkeypatch.setenv("GPULINE_GITHUB_TOKEN", "t")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "octo/models")
+    monkeypatch.setenv(FAULTS_ENV, "*=InsufficientInstanceCapacity")
+    config = ec2_project(tmp_path, "    instance_types: [g4dn.xlarge]\n")
+    assert cli_main(config, "--runner-label", "gpu") == 3
+    assert events(config, "runner.registered") != []
+    assert fake_github.runners["octo/models"] == {}

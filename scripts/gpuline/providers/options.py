@@ -31,3 +31,11 @@ def parse_options(model: type[M], options: dict[str, Any], provider: str) -> M:
                 message += f" (got {first.get('input')!r})"
             hint = f"see the {provider} options in the README's providers section"
         raise ConfigError(f"{field}: {message}", hint=hint) from None
+
+
+def options_for(provider: str, options: dict[str, Any], region: str | None) -> dict[str, Any]:
+    """The options to reopen a provider with after the fact (teardown, reap): the run's
+    ``resources.options`` plus the region it ran in, which EC2 needs and the options may not say."""
+    if provider in ("ec2", "aws") and region and not options.get("region"):
+        return {**options, "region": region}
+    return dict(options)

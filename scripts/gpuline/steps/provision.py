@@ -121,8 +121,10 @@ def provision(
         )
         try:
             machine = provider.provision(request)
-        except CapacityExhausted as exc:
-            ctx.event("machine.failed", failures=[f.as_dict() for f in exc.failures])
+        except BaseException as exc:
+            if isinstance(exc, CapacityExhausted):
+                ctx.event("machine.failed", failures=[f.as_dict() for f in exc.failures])
+            _unregister_runner(ctx, record.run_id)
             raise
         pause_at("launched")
         record = _record_machine(ctx, record, lease_id, machine, leased_at=now)
@@ -261,6 +263,19 @@ def _runner(ctx: Context, provider_name: str, provider: Any, label: str | None, 
     gha.mask(jit.encoded_jit_config)
     ctx.event("runner.registered", runner_id=jit.runner_id, name=jit.name, labels=labels, scope=scope)
     return RunnerRequest(label=unique, jit_config=jit.encoded_jit_config)
+
+
+def _unregister_runner(ctx: Context, run_id: str) -> None:
+    """No machine will ever pick up this run's runner registration: delete it (best effort; the
+    reaper deletes what is left)."""
+    registered = [e.data for e in ctx.ledger.events(run_id) if e.kind == "runner.registered"]
+    if not registered:
+        return
+    from gpuline import github
+
+    for runner in registered:
+        with contextlib.suppress(Exception):
+            github.delete_runner(str(runner["scope"]), int(runner["runner_id"]))
 
 
 def _already(ctx: Context, record: RunRecord) -> dict[str, Any]:

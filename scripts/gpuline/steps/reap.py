@@ -28,6 +28,7 @@ from gpuline.context import Context
 from gpuline.errors import GpulineError, NotFoundError
 from gpuline.providers import PROVIDERS, open_provider
 from gpuline.providers.base import Machine, Provider
+from gpuline.providers.options import options_for
 from gpuline.runs import LeaseRecord, Ledger, RunRecord, utcnow
 from gpuline.spec import parse_duration
 from gpuline.steps.common import outputs, table
@@ -134,9 +135,7 @@ def sweep_targets(ctx: Context, names: list[str] | None = None, *, now: datetime
 
 def _sweep(provider: str, options: dict[str, Any], region: str) -> Sweep:
     name = PROVIDERS.canonical(provider)
-    if name == "ec2" and region and not options.get("region"):
-        options = {**options, "region": region}
-    return Sweep(name, json.dumps(options, sort_keys=True, default=str))
+    return Sweep(name, json.dumps(options_for(name, options, region), sort_keys=True, default=str))
 
 
 def _configured(ctx: Context) -> list[tuple[str, dict[str, Any], str]]:
