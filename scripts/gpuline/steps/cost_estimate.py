@@ -259,7 +259,13 @@ def _delta(head: float, base: float | None) -> str:
 
 
 def _money(value: float) -> str:
-    return f"${value:,.2f}"
+    return f"-${-value:,.2f}" if value < 0 else f"${value:,.2f}"
+
+
+def _rate(value: float) -> str:
+    """Hourly prices keep their precision ($0.526, $21.9576) but show at least cents ($4.20)."""
+    text = f"{value:,.4f}".rstrip("0")
+    return "$" + (text + "0" if len(text.split(".")[1]) < 2 else text)
 
 
 def _minutes(seconds: float) -> str:
@@ -321,8 +327,8 @@ def render_comment(
         lines.append(table([(name, h) for name, h, _, _, _ in metrics], ("", "")))
     info: list[tuple[str, str]] = [
         ("instance", f"{est.instance_type} ({est.gpus_per_node} x {est.gpu_type}) x {est.nodes}, {est.lane} lane"),
-        ("price", f"{_money(est.hourly_usd)}/hour per node, {billing_text(est)}"),
-        ("estimate basis", f"{d.basis}: {d.note}"),
+        ("price", f"{_rate(est.hourly_usd)}/hour per node, {billing_text(est)}"),
+        ("estimate basis", d.note),
         ("start-up", f"{_minutes(d.startup_s)} ({d.startup_note})"),
     ]
     if queue is not None:
