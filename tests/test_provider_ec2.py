@@ -569,3 +569,14 @@ def test_a_runner_registered_for_a_launch_that_failed_is_deleted_again(
     assert cli_main(config, "--runner-label", "gpu") == 3
     assert events(config, "runner.registered") != []
     assert fake_github.runners["octo/models"] == {}
+
+
+def test_importing_the_cli_and_every_provider_module_loads_no_cloud_sdk() -> None:
+    code = (
+        "import sys, gpuline.cli, gpuline.steps.provision, gpuline.steps.reap, gpuline.providers.ec2, "
+        "gpuline.providers.kubernetes, gpuline.providers.rest, gpuline.providers.userdata\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'boto3', 'botocore', 'kubernetes', 'github'})\n"
+        "print(','.join(loaded))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.strip() == ""
