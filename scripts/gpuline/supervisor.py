@@ -413,6 +413,8 @@ class _Uploader(threading.Thread):
             if not fresh:
                 return None
             step, path = fresh[-1]
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            self.req.log(f"uploading checkpoint step {step} ({size / 1024**2:.1f} MiB)")
             # Steps in the store were all listed at start, so a step not in ``uploaded`` has no manifest there.
             info = upload_checkpoint(self.req.storage, path, self.req.checkpoint_prefix, replace=False)
             self.uploaded[step] = info
