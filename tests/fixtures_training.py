@@ -211,6 +211,17 @@ from gpuline.supervisor import supervise
 args = json.loads(sys.argv[1])
 project = Path(args.pop("project"))
 workdir = Path(args.pop("workdir"))
+slow = args.pop("slow_upload_s", None)
+if slow:
+    import time
+    from gpuline.storage import LocalStorage
+
+    class SlowStorage(LocalStorage):  # a slow network: each file takes a while to land
+        def put_file(self, local, key, *, sha256=None):
+            super().put_file(local, key, sha256=sha256)
+            time.sleep(slow)
+
+    args["storage"] = SlowStorage(project / "store")
 req = make_request(project, workdir=workdir, **args)
 req.log = lambda line: print(line, flush=True)
 outcome = supervise(req)

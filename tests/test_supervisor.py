@@ -267,6 +267,38 @@ def test_sigkill_of_the_supervisor_then_rerun_resumes(tmp_path: Path) -> None:
     assert len(rec.matching("resuming run run-test from checkpoint step")) == 1
 
 
+def test_sigkill_of_the_supervisor_mid_upload_leaves_no_checkpoint_claiming_completeness(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    write_trainer(tmp_path)
+    proc = subprocess.Popen(
+        driver_argv(tmp_path, workdir, steps=400, sleep=0.02, slow_upload_s=1.0), stdout=subprocess.DEVNULL
+    )
+    remote = tmp_path / "store" / "runs" / "run-test" / "checkpoints"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        half = [d for d in remote.glob("step-*") if (d / "state.json").exists() and not (d / "manifest.json").exists()]
+        if half and any((d / "manifest.json").exists() for d in remote.glob("step-*")):
+            break  # one checkpoint is durable and the next is half uploaded
+        time.sleep(0.01)
+    else:
+        raise AssertionError("never caught an upload in flight")
+    proc.kill()
+    proc.wait()
+    found = remote_steps(tmp_path)
+    assert any(not done for _, done in found) and any(done for _, done in found)
+    store = open_storage("file://store", tmp_path)
+    for step, done in found:  # whatever claims completeness is complete
+        if done:
+            assert checkpoints.verify(
+                tmp_path / "store" / "runs" / "run-test" / "checkpoints" / checkpoints.step_dir_name(step)
+            ).ok
+    rec = Recorder()
+    outcome = supervise(make_request(tmp_path, storage=store, recorder=rec, workdir=tmp_path / "elsewhere", steps=60))
+    newest_durable = max(step for step, done in found if done)
+    assert outcome.resumed_from_step == newest_durable
+    assert rec.matching("incomplete: no manifest.json")
+
+
 def test_a_second_supervisor_for_the_same_run_is_refused(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     proc = subprocess.Popen(driver_argv(tmp_path, workdir, steps=400, sleep=0.02), stdout=subprocess.DEVNULL)
