@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,20 @@ def test_two_ahead_means_waiting_for_the_second_to_end(ledger: SqliteLedger) -> 
     q = estimate_wait(ledger, policy, "on-demand")
     assert q.ahead == 2 and q.expected_wait_s == pytest.approx(30 * 60, abs=5)
     assert q.worst_wait_s == pytest.approx(120 * 60, abs=5)
+
+
+def test_the_benchmark_history_is_estimated_within_10_percent(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "bench" / "estimate.py"
+    module_spec = importlib.util.spec_from_file_location("bench_estimate", path)
+    assert module_spec is not None and module_spec.loader is not None
+    bench = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = bench  # dataclasses look their module up there
+    module_spec.loader.exec_module(bench)
+    args = bench.parse_args(["--runs", "60", "--seed", "3"])
+    predictions = bench.replay(args, bench.synthetic(args), tmp_path)
+    scored = [(x.p50, x.actual) for x in predictions if x.basis == "history"]
+    assert len(scored) == 57
+    assert bench.mdape(scored) < 10.0
+    assert bench.mdape(scored) < bench.mdape([(3600.0, actual) for _, actual in scored])

@@ -52,8 +52,11 @@ def contend(uri: str, env: dict[str, str], run_id: str, barrier: Any, results: A
 
 
 def race(uri: str) -> list[tuple[str, bool, float, float, str]]:
-    # forkserver: children fork from a clean process that has the SDKs imported once, not from
-    # pytest (whose server threads and locks must not be forked).
+    # forkserver: children fork from a clean process that imported this module and the SDKs once,
+    # not from pytest (whose server threads and locks must not be forked). The forkserver reads
+    # PYTHONPATH, not pytest's sys.path, when it preloads.
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), before) if p)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(
         ["test_ledger_concurrency", "gpuline.ledger.sqlite", "gpuline.ledger.dynamodb", "gpuline.ledger.s3", "boto3"]
@@ -62,8 +65,14 @@ def race(uri: str) -> list[tuple[str, bool, float, float, str]]:
     barrier = ctx.Barrier(PROCESSES)
     results = ctx.Queue()
     racers = [ctx.Process(target=contend, args=(uri, env, f"run-{i:02d}", barrier, results)) for i in range(PROCESSES)]
-    for p in racers:
-        p.start()
+    try:
+        for p in racers:
+            p.start()  # the first start launches the forkserver, which reads PYTHONPATH now
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
     seen = [results.get(timeout=240) for _ in racers]
     for p in racers:
         p.join(timeout=60)

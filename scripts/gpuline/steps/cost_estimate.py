@@ -272,6 +272,10 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:,.1f} min"
 
 
+def _minutes_range(low: float, high: float) -> str:
+    return _range(f"{low / 60:,.1f}", f"{high / 60:,.1f}") + " min"
+
+
 def _range(low: str, high: str) -> str:
     return low if low == high else f"{low}–{high}"
 
@@ -292,8 +296,8 @@ def render_comment(
     metrics: list[tuple[str, str, str | None, float, float | None]] = [
         (
             "training time p50–p90" + bound,
-            _range(_minutes(d.p50_s), _minutes(d.p90_s)),
-            _range(_minutes(base.duration.p50_s), _minutes(base.duration.p90_s)) if base else None,
+            _minutes_range(d.p50_s, d.p90_s),
+            _minutes_range(base.duration.p50_s, base.duration.p90_s) if base else None,
             d.p50_s,
             base.duration.p50_s if base else None,
         ),
@@ -329,6 +333,7 @@ def render_comment(
         ("instance", f"{est.instance_type} ({est.gpus_per_node} x {est.gpu_type}) x {est.nodes}, {est.lane} lane"),
         ("price", f"{_rate(est.hourly_usd)}/hour per node, {billing_text(est)}"),
         ("estimate basis", d.note),
+        *([("base estimate basis", base.duration.note)] if base else []),
         ("start-up", f"{_minutes(d.startup_s)} ({d.startup_note})"),
     ]
     if queue is not None:
@@ -368,7 +373,7 @@ def _print(est: CostEstimate, decision: Decision, queue: QueueEstimate) -> None:
     gha.info(
         f"estimate: {est.instance_type} x{est.nodes} ({est.lane}), "
         f"{d.p50_s / 60:.1f}-{d.p90_s / 60:.1f} min training + {d.startup_s / 60:.1f} min start-up, "
-        f"{est.gpu_hours_p90:.3f} GPU-hours, ${est.usd_p90:.2f} (at most ${est.usd_cap:.2f}) [{d.basis}: {d.note}]"
+        f"{est.gpu_hours_p90:.3f} GPU-hours, ${est.usd_p90:.2f} (at most ${est.usd_cap:.2f}) [{d.note}]"
     )
     gha.info(f"queue: {queue.describe()}")
     gha.info(f"decision: {decision.summary()}")
