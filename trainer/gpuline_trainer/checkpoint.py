@@ -51,7 +51,8 @@ def snapshot(value: Any, *, pin: bool = False, reuse: Any = None) -> Any:
     """
     if isinstance(value, torch.Tensor):
         tensor = value.detach()
-        target = reuse if _fits(reuse, tensor, pin) else None
+        # Pinned memory only helps (and only matters) for copies out of a GPU.
+        target = reuse if _fits(reuse, tensor, pin and tensor.device.type != "cpu") else None
         if target is None:
             if tensor.device.type == "cpu":
                 return tensor.clone()
