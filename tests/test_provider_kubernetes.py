@@ -32,6 +32,7 @@ pytest_plugins = ["fixtures_k8s"]
 
 K8S_VERSION = "1.30"
 JIT = "ZmFrZS1qaXQtY29uZmlnLWZvci10ZXN0cw=="
+RUNNER = KubernetesOptions(mode="runner", runner_image="registry.example/runner:2")
 
 
 def lease(
@@ -175,7 +176,7 @@ def test_spot_lane_adds_the_clusters_spot_selector_and_toleration(tmp_path: Path
 
 
 def test_runner_mode_keeps_the_jit_config_in_a_secret_not_in_the_job(tmp_path: Path) -> None:
-    manifests = build_manifests(lease(tmp_path, runner=True), KubernetesOptions(mode="runner"), created_at="x")
+    manifests = build_manifests(lease(tmp_path, runner=True), RUNNER, created_at="x")
     validate(manifests)
     job, secret = by_kind(manifests, "Job"), by_kind(manifests, "Secret")
     assert JIT not in repr(job)
@@ -188,9 +189,11 @@ def test_runner_mode_keeps_the_jit_config_in_a_secret_not_in_the_job(tmp_path: P
 
 def test_runner_mode_refuses_multi_node_and_a_missing_registration(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="a runner is one machine"):
-        build_manifests(lease(tmp_path, nodes=2, runner=True), KubernetesOptions(mode="runner"), created_at="x")
+        build_manifests(lease(tmp_path, nodes=2, runner=True), RUNNER, created_at="x")
     with pytest.raises(ConfigError, match="no JIT runner was registered"):
-        build_manifests(lease(tmp_path / "b"), KubernetesOptions(mode="runner"), created_at="x")
+        build_manifests(lease(tmp_path / "b"), RUNNER, created_at="x")
+    with pytest.raises(ConfigError, match="runner_image is required"):
+        build_manifests(lease(tmp_path / "c", runner=True), KubernetesOptions(mode="runner"), created_at="x")
 
 
 def test_train_mode_needs_an_image(tmp_path: Path) -> None:
@@ -275,7 +278,7 @@ def test_the_emulator_receives_an_indexed_job_and_a_headless_service_with_matchi
 
 
 def test_runner_mode_creates_the_secret_and_release_deletes_it(tmp_path: Path, k8s: K8sEmulator) -> None:
-    provider = KubernetesProvider(tmp_path, {"mode": "runner"})
+    provider = KubernetesProvider(tmp_path, {"mode": "runner", "runner_image": "registry.example/runner:2"})
     assert provider.wants_runner
     machine = provider.provision(lease(tmp_path, runner=True))
     (secret,) = k8s.objects("secrets")

@@ -24,7 +24,6 @@ LABEL_PREFIX = "gpuline/"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
 JIT_KEY = "jitconfig"
-DEFAULT_RUNNER_IMAGE = "ghcr.io/actions/actions-runner:2.321.0"
 
 # Tags that become labels (selectable); every tag is also kept verbatim as an annotation.
 _LABELLED = (TAG_RUN_ID, TAG_LEASE_ID, TAG_MANAGED, "gpuline:team", "gpuline:tier")
@@ -85,7 +84,9 @@ class KubernetesOptions(BaseModel):
     ttl_after_finished_s: int = Field(default=600, ge=0)
     backoff_limit: int = Field(default=0, ge=0)
     multi_node: Literal["auto", "indexed-job", "pytorchjob"] = "auto"
-    runner_image: str = DEFAULT_RUNNER_IMAGE
+    runner_image: str | None = Field(
+        default=None, description="runner mode: an image with the Actions runner in /home/runner (required)."
+    )
     labels: dict[str, str] = Field(default_factory=dict)
 
 
@@ -285,6 +286,11 @@ def _container(request: LeaseRequest, options: KubernetesOptions, name: str, *, 
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
     container: dict[str, Any] = {"name": "runner" if options.mode == "runner" else "train"}
     if options.mode == "runner":
+        if not options.runner_image:
+            raise ConfigError(
+                "resources.options.runner_image is required in runner mode",
+                hint="set it to the Actions runner image your cluster pulls (the runner in /home/runner)",
+            )
         container["image"] = options.runner_image
         container["command"] = ["/home/runner/run.sh"]
         env.append(
