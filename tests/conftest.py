@@ -12,7 +12,7 @@ import pytest
 
 # Real servers (moto, the instance-metadata server) started once per test run live in servers.py;
 # registering it here makes its fixtures available to every test module.
-pytest_plugins = ["servers"]
+pytest_plugins = ["servers", "github_fake", "fixtures_k8s", "fixtures_rest"]
 
 
 @pytest.fixture(autouse=True)

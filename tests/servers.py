@@ -13,6 +13,7 @@ credentials and a clean slate.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import threading
 import time
@@ -21,6 +22,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+# moto reads this once, when it is first imported: set it before any test module can import moto.
+os.environ.setdefault("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
 
 REGION = "us-east-1"
 FAKE_CREDENTIALS = {
@@ -49,7 +53,6 @@ def moto_server() -> Iterator[MotoServer]:
         # The server itself signs nothing, but boto3 calls made by moto internally need a region.
         for name, value in FAKE_CREDENTIALS.items():
             patch.setenv(name, value)
-        patch.setenv("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         try:

@@ -34,7 +34,7 @@ def plan(tier: str, args: argparse.Namespace) -> list[tuple[str, Step]]:
         return steps
     return [
         *steps,
-        ("provision", lambda ctx: provision(ctx, provider_name=args.provider)),
+        ("provision", lambda ctx: provision(ctx, provider_name=args.provider, process_bound=True)),
         ("train", train),
         ("eval-gate", eval_gate),
         ("promote", lambda ctx: promote(ctx, stage=args.stage)),

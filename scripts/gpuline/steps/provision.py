@@ -13,7 +13,6 @@ import contextlib
 import os
 import secrets
 import socket
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,15 +52,13 @@ def provision(
     provider_name: str | None = None,
     runner_label: str | None = None,
     *,
-    process_bound: bool | None = None,
+    process_bound: bool = False,
 ) -> dict[str, Any]:
     """Lease, then launch. ``process_bound``: this process will also tear the lease down (``gpuline
-    run``), so its death means the lease is abandoned; default: true when the pipeline is running."""
+    run`` passes True), so its death means the lease is abandoned."""
     spec = ctx.spec
     record = ctx.ensure_run()
     name = PROVIDERS.canonical(provider_name or spec.resources.provider)
-    if process_bound is None:
-        process_bound = "gpuline.steps.pipeline" in sys.modules
     with recorded(ctx, "provision"):
         if record.lease_id:
             return _already(ctx, record)

@@ -291,7 +291,7 @@ def _close_abandoned(ctx: Context, plan: Plan, swept: set[str], now: datetime, d
 
 def close_run(ctx: Context, lease: LeaseRecord, now: datetime, reason: str) -> bool:
     """Finish what teardown would have: release the lease, close the run at its cost, settle its quota."""
-    from gpuline.steps.teardown import _close, _settle_quota
+    from gpuline.steps.teardown import close_record, settle_quota
 
     released = ctx.ledger.release_lease(lease.lease_id, now)
     record = _get_run(ctx.ledger, lease.run_id)
@@ -300,8 +300,8 @@ def close_run(ctx: Context, lease: LeaseRecord, now: datetime, reason: str) -> b
     sub = Context(config_path=ctx.config_path, tier=record.tier, run_id=record.run_id)
     sub.__dict__["ledger"] = ctx.ledger  # share the open ledger (a cached property)
     if record.times.released is None:
-        record = _close(sub, record, now)
-    quota = _settle_quota(sub, record)
+        record = close_record(sub, record, now)
+    quota = settle_quota(sub, record)
     ctx.ledger.append_event(record.run_id, "reaped", {"reason": reason, "lease_id": lease.lease_id, "quota": quota})
     return True
 

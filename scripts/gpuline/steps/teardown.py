@@ -16,6 +16,7 @@ from gpuline.cost import actual_cost, device_count
 from gpuline.errors import NotFoundError
 from gpuline.pricing import load_catalog
 from gpuline.providers import open_provider
+from gpuline.providers.options import options_for
 from gpuline.runs import RunRecord, utcnow
 from gpuline.steps.common import outputs, table
 
@@ -34,8 +35,8 @@ def teardown(ctx: Context) -> dict[str, Any]:
     machine_released = _release_machine(ctx, record)
     lease_released = ctx.ledger.release_lease(record.lease_id, now) if record.lease_id else False
     if first_time:
-        record = _close(ctx, record, now)
-    quota = _settle_quota(ctx, record)
+        record = close_record(ctx, record, now)
+    quota = settle_quota(ctx, record)
     ctx.event(
         "teardown",
         machine_released=machine_released,
@@ -80,7 +81,8 @@ def _release_machine(ctx: Context, record: RunRecord) -> bool:
         return False
     # From the run record, not gpuline.yml: teardown must work even if the file changed or broke since.
     options = record.resolved_config.get("resources", {}).get("options", {})
-    provider = open_provider(record.provider or "local", ctx.project_dir, options)
+    name = record.provider or "local"
+    provider = open_provider(name, ctx.project_dir, options_for(name, options, record.region or None))
     if record.instance_id:
         return provider.release(record.instance_id)
     # The process died between recording the lease and learning the instance id: find it by its tag.
@@ -91,7 +93,8 @@ def _release_machine(ctx: Context, record: RunRecord) -> bool:
     return released
 
 
-def _close(ctx: Context, record: RunRecord, now: datetime) -> RunRecord:
+def close_record(ctx: Context, record: RunRecord, now: datetime) -> RunRecord:
+    """Stamp the release time, GPU-seconds, idle time, actual cost and final status (once)."""
     catalog = load_catalog(ctx.project_dir)
     provider_prices = catalog.providers.get(record.provider)
     instance = provider_prices.instances.get(record.instance_type) if provider_prices else None
@@ -122,7 +125,8 @@ def _close(ctx: Context, record: RunRecord, now: datetime) -> RunRecord:
     return ctx.ledger.update_run(record.run_id, close)
 
 
-def _settle_quota(ctx: Context, record: RunRecord) -> str:
+def settle_quota(ctx: Context, record: RunRecord) -> str:
+    """Replace the reservation with the actual cost, or give it back when nothing was bought."""
     if record.times.provisioned is None:
         # Nothing was bought: give the whole reservation back.
         return "released" if ctx.ledger.release(record.run_id) else "none held"
