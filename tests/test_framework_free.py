@@ -1,0 +1,70 @@
+"""The README's framework-free trainer, run as a user would copy it: the whole nightly tier without
+torch, and the refusals at the end of the pipeline (a failed gate, a promote without gates)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import write_project
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_trainer() -> str:
+    section = README.read_text().split("<!-- section:training -->")[1].split("<!-- /section:training -->")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    code = next(b for b in blocks if "GPULINE_CHECKPOINT_DIR" in b)
+    return code
+
+
+def gpuline(project: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "gpuline.cli", *args, "--json"], cwd=project, capture_output=True, text=True, timeout=300
+    )
+    return result.returncode, json.loads(result.stdout), result.stderr
+
+
+GATES = "eval:\n  gates:\n    - {metric: loss, goal: minimize, max: %s}\ncheckpoint: {interval_steps: 4}\n"
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Any:
+    def build(max_loss: str) -> Path:
+        config = write_project(tmp_path / f"p{max_loss}", spec_extra=GATES % max_loss, train_py=readme_trainer())
+        return config.parent
+
+    return build
+
+
+def test_the_readme_trainer_runs_the_nightly_tier(make: Any) -> None:
+    project = make("1.5")
+    code, body, err = gpuline(project, "run", "--tier", "nightly")
+    assert code == 0, err
+    assert (body["version"], body["stage"]) == (1, "staging")
+    # 10 steps, interval 4: the supervisor adopted plain step-4, step-8 and the final step-10.
+    assert [c["step"] for c in body["train"]["checkpoints"]] == [4, 8, 10]
+    assert body["teardown"]["status"] == "succeeded"
+
+
+def test_a_failed_gate_exits_1_promotes_nothing_and_still_tears_down(make: Any) -> None:
+    project = make("0.0001")
+    code, body, err = gpuline(project, "run", "--tier", "release")
+    assert code == 1
+    assert "loss" in body["error"] and "above the maximum" in body["error"]
+    _, status, _ = gpuline(project, "status")
+    run = status["runs"][0]
+    assert run["status"] == "refused" and run["stage"] == "eval-gate"
+    assert run["promoted_version"] is None
+    assert run["times"]["released"] is not None  # teardown ran after the refusal
+    assert not run["gates"][0]["passed"]
+    code, body, _ = gpuline(project, "promote", "--run-id", run["run_id"])
+    assert code == 1 and "has not passed its eval gates" in body["error"]
+    code, body, _ = gpuline(project, "rollback", "--model", "tiny", "--stage", "production")
+    assert code == 2 and "never been in production" in body["error"]
