@@ -32,6 +32,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _RACE_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 _RETRY_DEADLINE_S = 120.0
 _EPSILON = 1e-9
+_READ_WORKERS = 16
 
 Doc = dict[str, Any]
 
@@ -270,18 +272,21 @@ class S3Ledger:
     def list_runs(self, *, model: str | None = None, team: str | None = None, limit: int = 100) -> list[RunRecord]:
         where = ("index", "model", quote(model, safe=""), "") if model else ("index", "created", "")
         markers = sorted(self._list(self._key(*where)), reverse=True)
+        run_ids = [marker.rsplit("/", 1)[-1].split("_", 1)[1] for marker in markers]
         out: list[RunRecord] = []
-        for marker in markers:
-            run_id = marker.rsplit("/", 1)[-1].split("_", 1)[1]
-            try:
-                record = self.get_run(run_id)
-            except NotFoundError:
-                continue
-            if team and record.team != team:
-                continue
-            out.append(record)
-            if len(out) >= limit:
-                break
+        # Records are read a batch at a time, in parallel: one GET each, newest first.
+        with ThreadPoolExecutor(max_workers=_READ_WORKERS) as pool:
+            for start in range(0, len(run_ids), _READ_WORKERS):
+                batch = run_ids[start : start + _READ_WORKERS]
+                for doc, _ in pool.map(lambda r: self._read(self._key("runs", f"{r}.json")), batch):
+                    if doc is None:
+                        continue  # an index marker whose run was never written (a crash in between)
+                    record = RunRecord.model_validate(doc)
+                    if team and record.team != team:
+                        continue
+                    out.append(record)
+                    if len(out) >= limit:
+                        return out
         return out
 
     def append_event(self, run_id: str, kind: str, data: dict[str, Any] | None = None) -> Event:

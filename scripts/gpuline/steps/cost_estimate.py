@@ -273,6 +273,8 @@ def _minutes(seconds: float) -> str:
 
 
 def _minutes_range(low: float, high: float) -> str:
+    if high < 60:
+        return _range(f"{low:,.1f}", f"{high:,.1f}") + " s"
     return _range(f"{low / 60:,.1f}", f"{high / 60:,.1f}") + " min"
 
 
@@ -372,7 +374,7 @@ def _print(est: CostEstimate, decision: Decision, queue: QueueEstimate) -> None:
     d = est.duration
     gha.info(
         f"estimate: {est.instance_type} x{est.nodes} ({est.lane}), "
-        f"{d.p50_s / 60:.1f}-{d.p90_s / 60:.1f} min training + {d.startup_s / 60:.1f} min start-up, "
+        f"{_minutes_range(d.p50_s, d.p90_s)} training + {_minutes(d.startup_s)} start-up, "
         f"{est.gpu_hours_p90:.3f} GPU-hours, ${est.usd_p90:.2f} (at most ${est.usd_cap:.2f}) [{d.note}]"
     )
     gha.info(f"queue: {queue.describe()}")
