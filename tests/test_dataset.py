@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_project
 
+from conftest import write_project
 from gpuline import dataset
 from gpuline.errors import ConfigError, InputError
 from gpuline.spec import load_spec
@@ -21,9 +21,9 @@ def npz_project(tmp_path: Path, schema: str) -> Path:
     text = config.read_text()
     old_sha = text.split("sha256: ")[1].split()[0]
     config.write_text(
-        text.replace("uri: data.bin", "uri: d.npz").replace(old_sha, digest).replace(
-            f"sha256: {digest}", f"sha256: {digest}\n  format: npz\n  schema:\n{schema}"
-        )
+        text.replace("uri: data.bin", "uri: d.npz")
+        .replace(old_sha, digest)
+        .replace(f"sha256: {digest}", f"sha256: {digest}\n  format: npz\n  schema:\n{schema}")
     )
     return config
 
@@ -72,7 +72,7 @@ def test_unreadable_npz(tmp_path: Path) -> None:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("x.npy", b"not an npy header")
     bad.write_bytes(buf.getvalue())
-    with pytest.raises(InputError, match="not a readable .npz"):
+    with pytest.raises(InputError, match=r"not a readable \.npz"):
         dataset.npz_arrays(bad)
     bad.write_bytes(b"not a zip")
     with pytest.raises(InputError):

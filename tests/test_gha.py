@@ -3,8 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import read_outputs
 
+from conftest import read_outputs
 from gpuline import gha
 from gpuline.errors import Location
 

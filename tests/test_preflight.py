@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY_TRAIN, write_project
 
+from conftest import TINY_TRAIN, write_project
 from gpuline.cli import main
 
 
