@@ -269,3 +269,14 @@ def test_the_benchmark_history_is_estimated_within_10_percent(tmp_path: Path) ->
     assert len(scored) == 57
     assert bench.mdape(scored) < 10.0
     assert bench.mdape(scored) < bench.mdape([(3600.0, actual) for _, actual in scored])
+
+
+def test_a_lease_whose_run_is_not_in_the_ledger_is_assumed_to_run_to_its_ttl(ledger: SqliteLedger) -> None:
+    now = utcnow()
+    ledger.record_lease(
+        LeaseRecord(
+            lease_id="orphan", run_id="gone", provider="ec2", lane="spot", expires_at=now + timedelta(minutes=9)
+        )
+    )
+    q = estimate_wait(ledger, Policy.model_validate({"lanes": {"spot": {"capacity": 1}}}), "spot", now)
+    assert q.ahead == 1 and q.expected_wait_s == pytest.approx(9 * 60) and "0 of 1" in q.note

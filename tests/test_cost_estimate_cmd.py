@@ -308,3 +308,19 @@ def test_comment_markdown_is_valid_even_without_a_policy(tmp_path: Path, capsys:
     assert comment.startswith(COMMENT_MARKER + "\n### :white_check_mark: gpuline cost estimate: allow")
     assert "left (" not in comment  # no budget, no quota rows
     assert textwrap.dedent(comment).count("<sub>") == 1
+
+
+def test_a_budget_that_keeps_changing_gives_up_after_a_few_tries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = gpu_project(tmp_path / "p", policy="budgets:\n  teams:\n    vision:\n      usd: {hard: 10}\n")
+    attempts: list[str] = []
+
+    def never_fits(self: SqliteLedger, reservation: Reservation, *args: Any) -> bool:
+        attempts.append(reservation.run_id)
+        return False  # as if another run always took the room between decide and reserve
+
+    monkeypatch.setattr(SqliteLedger, "reserve", never_fits)
+    code, body = estimate_json(capsys, config)
+    assert code == 1 and len(attempts) == 3
+    assert "budget for" in body["error"] and "kept changing" in body["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from fixtures_aws import serial_aws, serial_moto  # noqa: F401
 from gpuline.errors import InfraError, InputError
-from gpuline.ledger import open_ledger
+from gpuline.ledger import dynamodb, open_ledger
 from gpuline.ledger.dynamodb import DynamoLedger
 from gpuline.runs import Cap
 from test_ledger_sqlite import PERIOD, LedgerContract, hold
@@ -63,3 +64,39 @@ def test_an_unreachable_endpoint_is_an_infra_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(InfraError, match="cannot reach DynamoDB"):
         DynamoLedger("offline", region="us-east-1")
+
+
+def test_a_corrupted_counter_is_an_infra_error_not_a_refusal() -> None:
+    ledger = DynamoLedger("corrupt", region="us-east-1")
+    boto3.client("dynamodb", region_name="us-east-1").put_item(
+        TableName="corrupt-quota", Item={"pk": {"S": f"team#vision#{PERIOD}"}, "total_h": {"S": "oops"}}
+    )
+    with pytest.raises(InfraError, match="reserve transaction was cancelled"):
+        ledger.reserve(hold("a", 1.0, 1.0), Cap(gpu_hours=5.0))
+
+
+def test_a_table_deleted_under_a_running_ledger_is_an_infra_error() -> None:
+    ledger = DynamoLedger("vanishing", region="us-east-1")
+    boto3.client("dynamodb", region_name="us-east-1").delete_table(TableName="vanishing-runs")
+    with pytest.raises(InfraError, match="DynamoDB get failed") as caught:
+        ledger.get_run("r1")
+    assert "dynamodb:CreateTable" in (caught.value.hint or "")
+
+
+def test_losing_every_race_gives_up_with_an_infra_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = DynamoLedger("contended", region="us-east-1")
+    monkeypatch.setattr(dynamodb, "_RETRY_DEADLINE_S", 0.0)
+
+    def always_conflicts(*args: object) -> None:
+        raise dynamodb._Retry
+
+    monkeypatch.setattr(ledger, "_transact", always_conflicts)
+    with pytest.raises(InfraError, match="kept losing to concurrent writers"):
+        ledger.reserve(hold("a", 1.0, 1.0), Cap())
+
+
+def test_without_boto3_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(InputError, match="needs boto3") as caught:
+        DynamoLedger("nope", region="us-east-1")
+    assert caught.value.hint == "pip install 'gpuline[aws]'"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 from pathlib import Path
 
 import boto3
@@ -11,7 +12,7 @@ import pytest
 
 from fixtures_aws import serial_aws, serial_moto  # noqa: F401
 from gpuline.errors import InfraError, InputError
-from gpuline.ledger import open_ledger
+from gpuline.ledger import open_ledger, s3
 from gpuline.ledger.s3 import S3Ledger
 from gpuline.runs import Cap
 from test_ledger_sqlite import PERIOD, LedgerContract, hold
@@ -84,3 +85,32 @@ def test_an_unreachable_endpoint_is_an_infra_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(InfraError, match="cannot reach S3"):
         S3Ledger("offline-bucket", "p", region="us-east-1")
+
+
+def test_a_bucket_deleted_under_a_running_ledger_is_an_infra_error() -> None:
+    ledger = S3Ledger("vanishing-bucket", "p", region="us-east-1")
+    boto3.client("s3", region_name="us-east-1").delete_bucket(Bucket="vanishing-bucket")
+    with pytest.raises(InfraError, match="NoSuchBucket"):
+        ledger.get_run("r1")
+
+
+def test_losing_every_race_gives_up_with_an_infra_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = S3Ledger("contended-bucket", "p", region="us-east-1")
+    monkeypatch.setattr(s3, "_RETRY_DEADLINE_S", 0.0)
+
+    real_write = ledger._write
+
+    def conditional_writes_always_lose(key: str, doc: dict[str, object], etag: str | None, **kw: bool) -> None:
+        if etag is not None or kw.get("create"):
+            raise s3._Retry
+        real_write(key, doc, etag, **kw)
+
+    monkeypatch.setattr(ledger, "_write", conditional_writes_always_lose)
+    with pytest.raises(InfraError, match="kept losing to concurrent writers"):
+        ledger.reserve(hold("a", 1.0, 1.0), Cap())
+
+
+def test_without_boto3_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(InputError, match="needs boto3"):
+        S3Ledger("nope-bucket", "p")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuline import pricing
 from gpuline.errors import ConfigError, InputError
 from gpuline.pricing import Billing, Catalog, load_catalog
 
@@ -146,3 +147,10 @@ def test_an_override_that_is_not_a_mapping_is_rejected(tmp_path: Path) -> None:
 def test_an_empty_override_changes_nothing(tmp_path: Path) -> None:
     (tmp_path / "pricing.yaml").write_text("# nothing yet\n")
     assert load_catalog(tmp_path) == load_catalog(None)
+
+
+def test_a_broken_shipped_catalog_names_the_shipped_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pricing, "_shipped", lambda: {"version": "x", "providers": {"ec2": {"billing": "hourly"}}})
+    with pytest.raises(ConfigError, match="invalid pricing catalog") as caught:
+        load_catalog(None)
+    assert caught.value.location is not None and str(caught.value.location.file) == "gpuline/data/pricing.yaml"

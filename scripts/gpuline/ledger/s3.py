@@ -193,15 +193,23 @@ class S3Ledger:
             condition["IfMatch"] = etag
         elif create:
             condition["IfNoneMatch"] = "*"
-        self._call(
-            "write",
-            self._s3.put_object,
-            Bucket=self.bucket,
-            Key=key,
-            Body=json.dumps(doc, default=str).encode(),
-            ContentType="application/json",
-            **condition,
-        )
+        try:
+            self._call(
+                "write",
+                self._s3.put_object,
+                Bucket=self.bucket,
+                Key=key,
+                Body=json.dumps(doc, default=str).encode(),
+                ContentType="application/json",
+                **condition,
+            )
+        except _Retry:
+            if condition:
+                raise
+            # A 409 on a plain write is S3 throttling one key, not a lost race we could redo.
+            raise InfraError(
+                f"S3 write of {key} was refused with a conflict", hint="retry the step in a minute"
+            ) from None
 
     def _update(self, key: str, change: Callable[[Doc | None], Doc], what: str) -> Any:
         """Read-modify-write ``key`` under its ETag, retrying lost races. ``change`` may raise _Unchanged."""
