@@ -93,3 +93,32 @@ def test_two_nodes_train_resume_from_the_same_step_and_only_rank0_checkpoints(tm
     stored = open_storage("file://shared-store", tmp_path)
     steps = sorted(int(k.split("step-")[1][:8]) for k in stored.list("runs/run-multi/checkpoints/") if "manifest" in k)
     assert steps == [60, 80, 100]
+
+
+@pytest.mark.slow
+def test_one_node_two_processes_run_standalone_and_exit_cleanly(tmp_path: Path) -> None:
+    rec = Recorder()
+    request = TrainRequest(
+        run_id="run-local2",
+        command=[sys.executable, "train.py"],
+        cwd=EXAMPLE,
+        workdir=tmp_path / "node",
+        storage=open_storage("file://store", tmp_path),
+        storage_prefix="runs/run-local2",
+        hyperparameters={"steps": 40, "batch_size": 32, "lr": 0.05, "seed": 0, "hidden": 32},
+        dataset_path=EXAMPLE / "data" / "digits.npz",
+        checkpoint_interval=20,
+        keep=3,
+        max_duration_s=120,
+        max_restarts=0,
+        allow_fresh_start=False,
+        nprocs_per_node=2,
+        on_event=rec.event,
+        log=rec.log,
+        imds_endpoint="off",
+    )
+    outcome = supervise(request)
+    # Both ranks leave on their own (a rank hanging at exit would end in max_duration instead).
+    assert outcome.stop_reason == "completed", rec.lines[-20:]
+    assert [c.step for c in outcome.checkpoints] == [20, 40]
+    assert outcome.eval_metrics["accuracy"] > 0.5

@@ -28,7 +28,7 @@ def _model_state() -> dict[str, Any]:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(3, 8)).sum().backward()  # type: ignore[no-untyped-call]
+    model(torch.randn(3, 8)).sum().backward()
     optimizer.step()
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": {"epoch": 3}}
 

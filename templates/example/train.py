@@ -73,6 +73,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, An
 
 def main() -> int:
     contract = Contract.from_env()
+    ctx = ddp.init_from_env()
+    try:
+        return train(contract, ctx)
+    finally:
+        # Everything that holds the process group (the DDP wrapper, its reducer) is gone by now.
+        ddp.shutdown(ctx)
+
+
+def train(contract: Contract, ctx: ddp.DistContext) -> int:
     steps = contract.hparam("steps", 600)
     batch_size = contract.hparam("batch_size", 64)
     lr = contract.hparam("lr", 0.05)
@@ -85,7 +94,6 @@ def main() -> int:
     torch.manual_seed(seed)
 
     x_train, y_train, x_test, y_test = load_split(contract.dataset(HERE / "data" / "digits.npz"))
-    ctx = ddp.init_from_env()
     model = DigitsMLP(hidden)
     trained: nn.Module = DistributedDataParallel(model) if ctx.enabled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -96,7 +104,7 @@ def main() -> int:
         trained.train()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(trained(x_train[idx]), y_train[idx])
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         optimizer.step()
         scheduler.step()
         return float(loss.item())
@@ -133,7 +141,6 @@ def main() -> int:
         log_every=100,
     )
     if result.stopped:
-        ddp.shutdown(ctx)
         return EXIT_CODE
     if ctx.is_main:
         metrics = evaluate(model, x_test, y_test)
@@ -144,7 +151,6 @@ def main() -> int:
         contract.eval_path.parent.mkdir(parents=True, exist_ok=True)
         contract.eval_path.write_text(json.dumps(metrics, indent=2))
         print(f"eval: accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {len(y_test)} examples")
-    ddp.shutdown(ctx)
     return 0
 
 

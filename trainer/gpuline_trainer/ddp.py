@@ -6,6 +6,7 @@ so one training script serves one process, many processes and many nodes.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -82,5 +83,12 @@ def barrier(ctx: DistContext) -> None:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave together, after the objects that use the group (a DDP wrapper) are gone.
+
+    Call it once training code has returned: a process group torn down under a live DDP reducer can
+    leave the process hanging at exit.
+    """
     if ctx.enabled and dist.is_initialized():
+        gc.collect()  # DDP modules sit in reference cycles; free them while the group still exists
+        dist.barrier()
         dist.destroy_process_group()
