@@ -184,3 +184,15 @@ def test_policy_file_given_but_missing(tmp_path: Path, capsys: pytest.CaptureFix
     config = write_project(tmp_path / "p")
     code, body = run_json(capsys, "cost-estimate", "--config", str(config), "--policy", str(tmp_path / "nope.yml"))
     assert code == 2 and "policy file not found" in body["error"]
+
+
+def test_provision_moves_the_budget_hold_to_the_lease_expiry(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gpuline.ledger import open_ledger
+
+    code, est = run_json(capsys, "cost-estimate", "--config", str(project), "--tier", "nightly")
+    assert code == 0 and est["reserved"] is True
+    code, prov = run_json(capsys, "provision", "--config", str(project), "--run-id", est["run_id"])
+    assert code == 0
+    ledger = open_ledger("sqlite:///.gpuline/ledger.db", project.parent)
+    (held,) = [r for r in ledger.reservations(state="held") if r.run_id == est["run_id"]]
+    assert held.expires_at.isoformat(timespec="seconds") == prov["expires_at"]

@@ -33,7 +33,7 @@ from gpuline.providers.base import (
 )
 from gpuline.providers.failover import CapacityExhausted
 from gpuline.providers.testhooks import pause_at
-from gpuline.runs import LeaseRecord, RunRecord, ttl_expiry, utcnow
+from gpuline.runs import Cap, LeaseRecord, RunRecord, ttl_expiry, utcnow
 from gpuline.spec import Spec
 from gpuline.steps.common import outputs, recorded, table
 from gpuline.steps.cost_estimate import LEASE_SLACK_S
@@ -65,7 +65,11 @@ def provision(
         catalog = load_catalog(ctx.project_dir)
         catalog_name = name if name in catalog.providers else "local"
         instance_type, _ = catalog.choose(
-            catalog_name, spec.resources.gpu_type, spec.resources.gpu_count, spec.resources.instance_type
+            catalog_name,
+            spec.resources.gpu_type,
+            spec.resources.gpu_count,
+            spec.resources.instance_type,
+            spec.resources.lane,
         )
         now = utcnow()
         ttl = spec.resources.max_duration + LEASE_SLACK_S
@@ -93,6 +97,7 @@ def provision(
             r.provider, r.instance_type, r.lane, r.region = name, instance_type, spec.resources.lane, region
 
         ctx.ledger.update_run(record.run_id, leased)
+        _hold_quota_until(ctx, record.run_id, expires)
         ctx.event(
             "lease.recorded",
             lease_id=lease_id,
@@ -273,6 +278,15 @@ def _unregister_runner(ctx: Context, run_id: str) -> None:
     for runner in registered:
         with contextlib.suppress(Exception):
             github.delete_runner(str(runner["scope"]), int(runner["runner_id"]))
+
+
+def _hold_quota_until(ctx: Context, run_id: str, expires: datetime) -> None:
+    """Make the run's budget hold expire with its lease, not with the estimate's guess of when it would
+    start, so the reaper never frees the budget of a machine that is still allowed to run."""
+    held = next((r for r in ctx.ledger.reservations(state="held") if r.run_id == run_id), None)
+    if held is not None and held.expires_at != expires:
+        # Re-reserving replaces the same amounts; no cap, since the budget check already admitted them.
+        ctx.ledger.reserve(held.model_copy(update={"expires_at": expires}), Cap(), None)
 
 
 def _already(ctx: Context, record: RunRecord) -> dict[str, Any]:
