@@ -1,8 +1,8 @@
 """Two nodes x one process through torchrun's c10d rendezvous on 127.0.0.1 (gloo on CPU).
 
 Each "node" is its own supervisor with its own local disk, sharing only the durable store, as two
-machines would. Only rank 0 commits checkpoints; when the run is resumed, every rank resumes from the
-same step.
+machines would. A stop on one node stops every rank at the same step; only rank 0 commits checkpoints;
+when the run is resumed, every rank resumes from the same step.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def _free_port() -> int:
         return port
 
 
-def _run_two_nodes(tmp_path: Path, steps: int) -> list[tuple[TrainOutcome, Recorder]]:
+def _run_two_nodes(
+    tmp_path: Path, steps: int, max_duration_s: tuple[float, float] = (240, 240), interval: int = 20
+) -> list[tuple[TrainOutcome, Recorder]]:
     endpoint = f"127.0.0.1:{_free_port()}"
     results: dict[int, tuple[TrainOutcome, Recorder]] = {}
     errors: list[BaseException] = []
@@ -45,9 +47,9 @@ def _run_two_nodes(tmp_path: Path, steps: int) -> list[tuple[TrainOutcome, Recor
             storage_prefix="runs/run-multi",
             hyperparameters={"steps": steps, "batch_size": 32, "lr": 0.05, "seed": 0, "hidden": 32},
             dataset_path=EXAMPLE / "data" / "digits.npz",
-            checkpoint_interval=20,
+            checkpoint_interval=interval,
             keep=3,
-            max_duration_s=240,
+            max_duration_s=max_duration_s[index],
             max_restarts=0,
             allow_fresh_start=False,
             nnodes=2,
@@ -73,26 +75,29 @@ def _run_two_nodes(tmp_path: Path, steps: int) -> list[tuple[TrainOutcome, Recor
 
 
 @pytest.mark.slow
-def test_two_nodes_train_resume_from_the_same_step_and_only_rank0_checkpoints(tmp_path: Path) -> None:
-    first = _run_two_nodes(tmp_path, steps=60)
-    for outcome, rec in first:
-        assert outcome.stop_reason == "completed", rec.lines[-20:]
-    committed = [len(checkpoints.complete(tmp_path / f"node{i}" / "checkpoints")) for i in range(2)]
-    assert sorted(committed) == [0, 3], committed  # rank 0's node alone wrote checkpoints
-    evaluated = [o.eval_metrics for o, _ in first if o.eval_metrics]
-    assert len(evaluated) == 1 and evaluated[0]["accuracy"] > 0.5
+def test_two_nodes_stop_together_and_resume_from_the_same_step(tmp_path: Path) -> None:
+    # Node 0 reaches its max duration: its ranks get SIGTERM, node 1's rank learns it at the next step
+    # (ranks agree on stopping through an all-reduce), both save together and rank 0 commits.
+    first = _run_two_nodes(tmp_path, steps=10**6, max_duration_s=(12, 240), interval=500)
+    reasons = sorted(o.stop_reason for o, _ in first)
+    assert reasons == ["max_duration", "preempted"], [rec.lines[-10:] for _, rec in first]
+    committed = [checkpoints.complete(tmp_path / f"node{i}" / "checkpoints") for i in range(2)]
+    assert sorted(len(c) > 0 for c in committed) == [False, True]  # rank 0's node alone wrote checkpoints
+    stop_step = max(s for c in committed for s, _ in c)
+    stored = open_storage("file://shared-store", tmp_path)
+    manifests = [k for k in stored.list("runs/run-multi/checkpoints/") if k.endswith("manifest.json")]
+    assert f"runs/run-multi/checkpoints/{checkpoints.step_dir_name(stop_step)}/manifest.json" in manifests
 
-    second = _run_two_nodes(tmp_path, steps=100)
+    second = _run_two_nodes(tmp_path, steps=stop_step + 40)
     lines = [line for _, rec in second for line in rec.lines]
     for outcome, rec in second:
         assert outcome.stop_reason == "completed", rec.lines[-20:]
-        assert outcome.resumed_from_step == 60
-        assert len(rec.matching("resuming run run-multi from checkpoint step 60")) == 1
-    assert sum("[rank 0] resumed at step 60" in line for line in lines) == 1
-    assert sum("[rank 1] resumed at step 60" in line for line in lines) == 1
-    stored = open_storage("file://shared-store", tmp_path)
-    steps = sorted(int(k.split("step-")[1][:8]) for k in stored.list("runs/run-multi/checkpoints/") if "manifest" in k)
-    assert steps == [60, 80, 100]
+        assert outcome.resumed_from_step == stop_step
+        assert len(rec.matching(f"resuming run run-multi from checkpoint step {stop_step}")) == 1
+    assert sum(f"[rank 0] resumed at step {stop_step}" in line for line in lines) == 1
+    assert sum(f"[rank 1] resumed at step {stop_step}" in line for line in lines) == 1
+    evaluated = [o.eval_metrics for o, _ in second if o.eval_metrics]
+    assert len(evaluated) == 1 and evaluated[0]["accuracy"] > 0.5
 
 
 @pytest.mark.slow

@@ -148,6 +148,10 @@ class RunPaths:
     def trainer_pid(self) -> Path:
         return self.root / "trainer.pid"
 
+    @property
+    def stopped(self) -> Path:
+        return self.root / "stopped.json"
+
 
 # ---------------------------------------------------------------- the environment contract
 
@@ -172,6 +176,8 @@ def contract_env(
         "GPULINE_OUTPUT_DIR": str(paths.output),
         "GPULINE_HPARAMS": json.dumps(dict(hyperparameters), sort_keys=True),
         "GPULINE_SMOKE": "1" if smoke else "0",
+        # Optional for scripts: note here that they stopped early because they were asked to.
+        "GPULINE_STOPPED_PATH": str(paths.stopped),
         # Lines reach the log as they are printed, not when a buffer fills.
         "PYTHONUNBUFFERED": "1",
     }
@@ -583,6 +589,7 @@ class Supervisor:
         resume_path = resume.path
         while True:
             self.paths.eval.unlink(missing_ok=True)
+            self.paths.stopped.unlink(missing_ok=True)
             uploader.trainer_exited_cleanly = False
             code = self._run_once(resume_path, tail)
             # A script that exited by itself (done, or saved-and-stopped on SIGTERM) has finished
@@ -595,14 +602,17 @@ class Supervisor:
             if self.stop.event.is_set():
                 assert self.stop.reason is not None
                 return code, self.stop.reason
-            external_sigterm = code == 128 + signal.SIGTERM
-            if external_sigterm:
+            # Stopped on request from outside this supervisor: SIGTERM straight to the trainer, or (on
+            # a multi-node run) a peer node that was told to stop. torchrun turns a rank's 143 into 1,
+            # so the trainer's GPULINE_STOPPED_PATH note is the reliable sign; 143 covers scripts
+            # that do not write it.
+            if self.paths.stopped.exists() or code == 128 + signal.SIGTERM:
                 self.preemptions += 1
-                req.on_event("preemption", {"source": "trainer_sigterm", "exit_code": code})
+                source = "peer" if req.nnodes > 1 else "trainer_sigterm"
+                req.on_event("preemption", {"source": source, "exit_code": code})
                 if req.nnodes > 1:
-                    # Ranks stop together: this node's ranks saved and stopped because a peer node was
-                    # told to stop. Relaunching alone would only wait for a rendezvous that never fills.
-                    req.log("trainer stopped with its peers (exit 143); not restarting a multi-node run alone")
+                    # Relaunching one node alone would only wait for a rendezvous that never fills.
+                    req.log("trainer stopped together with its peer nodes; not restarting a multi-node run alone")
                     return code, "preempted"
             if self.restarts >= req.max_restarts:
                 req.log(f"trainer exited with code {code}; no restarts left (max_restarts={req.max_restarts})")

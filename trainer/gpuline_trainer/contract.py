@@ -27,6 +27,7 @@ class Contract:
     hparams: dict[str, Any] = field(default_factory=dict)
     smoke: bool = False
     max_duration_s: float | None = None
+    stopped_path: Path | None = None
 
     @classmethod
     def from_env(
@@ -48,6 +49,7 @@ class Contract:
         resume = env.get("GPULINE_RESUME_FROM")
         dataset = env.get("GPULINE_DATASET_PATH")
         duration = env.get("GPULINE_MAX_DURATION_S")
+        stopped = env.get("GPULINE_STOPPED_PATH")
         return cls(
             run_id=env.get("GPULINE_RUN_ID") or "local",
             checkpoint_dir=path("GPULINE_CHECKPOINT_DIR", local_dir / "checkpoints"),
@@ -60,6 +62,7 @@ class Contract:
             hparams=hparams,
             smoke=env.get("GPULINE_SMOKE") == "1",
             max_duration_s=float(duration) if duration else None,
+            stopped_path=Path(stopped) if stopped else None,
         )
 
     def hparam(self, name: str, default: Any) -> Any:
@@ -68,6 +71,15 @@ class Contract:
         if default is not None and value is not None and not isinstance(value, type(default)):
             return type(default)(value)
         return value
+
+    def note_stopped(self, step: int, reason: str) -> None:
+        """Tell the supervisor this process stopped early on request (not crashed, not finished)."""
+        if self.stopped_path is None:
+            return
+        self.stopped_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.stopped_path.with_name(f".{self.stopped_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"step": step, "reason": reason}))
+        os.replace(tmp, self.stopped_path)  # several ranks of one node may write it; each write is whole
 
     def dataset(self, fallback: Path) -> Path:
         return self.dataset_path if self.dataset_path is not None else fallback

@@ -133,7 +133,7 @@ def run_loop(
         while step < total_steps:
             if ddp.any_true(ctx, stop.requested):
                 result.stopped = True
-                log(f"[rank {ctx.rank}] stop requested ({stop.signal_name}); saving step {step}")
+                log(f"[rank {ctx.rank}] stop requested ({stop.signal_name or 'by a peer rank'}); saving step {step}")
                 break
             step += 1
             loss = train_step(step)
@@ -150,6 +150,8 @@ def run_loop(
         if not saved_at_interval or step == (resumed_from or 0):
             save(step, block=True)
         checkpointer.wait()
+    if result.stopped:
+        contract.note_stopped(step, stop.signal_name or "peer rank")
     result.step = step
     result.save_stalls_s = list(checkpointer.stalls)
     return result
