@@ -163,6 +163,21 @@ def test_install_script_passes_shellcheck() -> None:
     assert out.returncode == 0, out.stdout
 
 
+_NETWORK_ENV = (
+    "SSL_CERT_",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "UV_",
+    "PIP_",
+)
+
+
 def _install(tmp_path: Path, extras: str = "", path: str | None = None) -> subprocess.CompletedProcess[str]:
     (tmp_path / "out").write_text("")
     (tmp_path / "path").write_text("")
@@ -173,6 +188,8 @@ def _install(tmp_path: Path, extras: str = "", path: str | None = None) -> subpr
         "GITHUB_OUTPUT": str(tmp_path / "out"),
         "GITHUB_PATH": str(tmp_path / "path"),
         "GPULINE_EXTRAS": extras,
+        # The machine's own network settings (certificates, proxies, package indexes) stay, as on a runner.
+        **{k: v for k, v in os.environ.items() if k.startswith(_NETWORK_ENV)},
     }
     script = ROOT / "actions/setup/install.sh"
     return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300, check=False)
