@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -30,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from gpuline.errors import InfraError, InputError, NotFoundError
+from gpuline.ledger.contention import Retry as _Retry
+from gpuline.ledger.contention import retrying
 from gpuline.runs import Cap, Event, LeaseRecord, Reservation, RunRecord, Usage, utcnow
 
 if TYPE_CHECKING:
@@ -84,10 +84,6 @@ def _error_code(exc: Exception) -> str:
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
-class _Retry(Exception):
-    """Lost an optimistic race: read again and retry."""
-
-
 class DynamoLedger:
     def __init__(self, prefix: str, *, region: str | None = None) -> None:
         try:
@@ -136,19 +132,7 @@ class DynamoLedger:
             ) from None
 
     def _retrying(self, what: str, attempt: Callable[[], Any]) -> Any:
-        deadline = time.monotonic() + _RETRY_DEADLINE_S
-        delay = 0.01
-        while True:
-            try:
-                return attempt()
-            except _Retry:
-                if time.monotonic() > deadline:
-                    raise InfraError(
-                        f"DynamoDB {what} kept losing to concurrent writers for {_RETRY_DEADLINE_S:.0f}s",
-                        hint="retry the step; if it persists, look for a writer stuck in a loop",
-                    ) from None
-                time.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 1.0)
+        return retrying("DynamoDB", what, attempt, _RETRY_DEADLINE_S)
 
     def _ensure_tables(self) -> None:
         from botocore.exceptions import ClientError

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -39,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from gpuline.errors import InfraError, InputError, NotFoundError
+from gpuline.ledger.contention import Retry as _Retry
+from gpuline.ledger.contention import retrying
 from gpuline.runs import Cap, Event, LeaseRecord, Reservation, RunRecord, Usage, utcnow
 
 if TYPE_CHECKING:
@@ -51,10 +51,6 @@ _EPSILON = 1e-9
 _READ_WORKERS = 16
 
 Doc = dict[str, Any]
-
-
-class _Retry(Exception):
-    """Lost an optimistic race: read again and retry."""
 
 
 class _Unchanged(Exception):
@@ -135,19 +131,7 @@ class S3Ledger:
             ) from None
 
     def _retrying(self, what: str, attempt: Callable[[], Any]) -> Any:
-        deadline = time.monotonic() + _RETRY_DEADLINE_S
-        delay = 0.01
-        while True:
-            try:
-                return attempt()
-            except _Retry:
-                if time.monotonic() > deadline:
-                    raise InfraError(
-                        f"S3 {what} kept losing to concurrent writers for {_RETRY_DEADLINE_S:.0f}s",
-                        hint="retry the step; if it persists, look for a writer stuck in a loop",
-                    ) from None
-                time.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 1.0)
+        return retrying("S3", what, attempt, _RETRY_DEADLINE_S)
 
     def _ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError
