@@ -217,8 +217,8 @@ if slow:
     from gpuline.storage import LocalStorage
 
     class SlowStorage(LocalStorage):  # a slow network: each file takes a while to land
-        def put_file(self, local, key, *, sha256=None):
-            super().put_file(local, key, sha256=sha256)
+        def put_file(self, local, key, *, sha256=None, cancel=None):
+            super().put_file(local, key, sha256=sha256, cancel=cancel)
             time.sleep(slow)
 
     args["storage"] = SlowStorage(project / "store")

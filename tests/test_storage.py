@@ -25,6 +25,7 @@ from gpuline.storage import (
     PreconditionFailed,
     S3Storage,
     Storage,
+    UploadCancelled,
     download_checkpoint,
     open_storage,
     prune_remote,
@@ -255,3 +256,30 @@ def test_sigkill_mid_upload_never_leaves_a_complete_remote_checkpoint(
     assert found == {1: True, 2: False}
     with pytest.raises(CorruptCheckpoint, match="incomplete"):
         download_checkpoint(store, "runs/r/step-00000002", tmp_path / "restore")
+
+
+def test_a_cancelled_upload_leaves_no_object(store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPULINE_S3_CHUNK_MB", "5")
+    monkeypatch.setenv("GPULINE_S3_CONCURRENCY", "1")
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(30 * 1024 * 1024))
+    with pytest.raises(UploadCancelled):
+        store.put_file(src, "big.bin", cancel=lambda: True)  # S3: called off once the transfer has begun
+    assert not store.exists("big.bin")
+    store.put_file(src, "big.bin", cancel=lambda: False)  # a cancel that never fires changes nothing
+    assert store.exists("big.bin")
+
+
+def test_a_cancelled_checkpoint_upload_writes_no_manifest(store: Storage, tmp_path: Path) -> None:
+    local = _checkpoint(tmp_path / "ckpt", 7)
+    with pytest.raises(UploadCancelled):
+        upload_checkpoint(store, local, "runs/r", cancel=lambda: True)
+    assert [c.complete for c in remote_checkpoints(store, "runs/r")] in ([], [False])
+
+
+def test_s3_upload_failure_is_an_infra_error(aws_env: MotoServer, tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x")
+    with pytest.raises(InfraError) as info:
+        S3Storage("no-such-bucket").put_file(src, "f.bin")
+    assert "no-such-bucket" in info.value.message

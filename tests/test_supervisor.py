@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from fixtures_training import Recorder, driver_argv, make_request, wait_for_metrics, when_metrics_reach, write_trainer
 from gpuline import checkpoints
 from gpuline.errors import InfraError, InputError
-from gpuline.storage import LocalStorage, open_storage, remote_checkpoints
+from gpuline.storage import Cancel, LocalStorage, UploadCancelled, open_storage, remote_checkpoints
 from gpuline.supervisor import SmokeResult, check_entrypoint_imports, launch_argv, smoke_test, supervise
 from servers import ImdsServer, MotoServer
 
@@ -323,8 +324,41 @@ def test_s3_storage_end_to_end(tmp_path: Path, aws_env: MotoServer) -> None:
     assert outcome.checkpoints[-1].uri == "s3://ckpts/team/runs/run-test/checkpoints/step-00000016"
 
 
+class SlowStorage(LocalStorage):
+    """Each file takes two seconds to land, unless the upload is called off."""
+
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None, cancel: Cancel | None = None) -> None:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            if cancel is not None and cancel():
+                raise UploadCancelled(f"upload to {key} cancelled")
+            time.sleep(0.02)
+        super().put_file(local, key, sha256=sha256)
+
+
+def test_on_stop_an_older_upload_gives_way_to_the_final_checkpoint(tmp_path: Path) -> None:
+    rec = Recorder()
+    req = make_request(tmp_path, recorder=rec, storage=SlowStorage(tmp_path / "slow"), steps=400, sleep=0.02)
+
+    def stop_once_an_upload_is_under_way() -> None:
+        deadline = time.monotonic() + 60
+        while not rec.matching("uploading checkpoint step") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        uploading = int(rec.matching("uploading checkpoint step")[0].split()[3])
+        wait_for_metrics(req.workdir / "metrics.jsonl", uploading + 2)  # the trainer has moved on
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_once_an_upload_is_under_way, daemon=True).start()
+    outcome = supervise(req)
+    assert outcome.stop_reason == "preempted"
+    assert outcome.checkpoints[-1].step == outcome.final_step
+    first_upload = int(rec.matching("uploading checkpoint step")[0].split()[3])
+    assert first_upload < outcome.final_step  # a 2 s upload is under way when the stop comes
+    assert rec.matching(f"upload of checkpoint step {first_upload} cancelled")
+
+
 class FailingStorage(LocalStorage):
-    def put_file(self, local: Path, key: str, *, sha256: str | None = None) -> None:
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None, cancel: Cancel | None = None) -> None:
         raise InfraError("the store is down")
 
 

@@ -57,8 +57,18 @@ class CorruptCheckpoint(InfraError):
     title = "corrupt checkpoint"
 
 
+class UploadCancelled(InfraError):
+    """The caller asked to stop an upload (a newer checkpoint made it pointless)."""
+
+    title = "upload cancelled"
+
+
+# Asked now and then during an upload; True stops it (nothing partial is left that looks complete).
+Cancel = Callable[[], bool]
+
+
 class Storage(Protocol):
-    def put_file(self, local: Path, key: str, *, sha256: str | None = None) -> None: ...
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None, cancel: Cancel | None = None) -> None: ...
     def get_file(self, key: str, local: Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
@@ -136,7 +146,9 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_file(self, local: Path, key: str, *, sha256: str | None = None) -> None:
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None, cancel: Cancel | None = None) -> None:
+        if cancel is not None and cancel():
+            raise UploadCancelled(f"upload to {self.uri_for(key)} cancelled")
         self._write_atomically(self._path(key), lambda tmp: _copy(local, tmp))
 
     def get_file(self, key: str, local: Path) -> None:
@@ -272,6 +284,7 @@ class S3Storage:
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str) -> Iterator[None]:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -289,22 +302,45 @@ class S3Storage:
                 f"S3 {action} of {self.uri_for(key)} failed: {code or status} {exc}",
                 hint="check the bucket exists, the credentials and AWS_ENDPOINT_URL",
             ) from exc
-        except BotoCoreError as exc:
+        except (BotoCoreError, Boto3Error) as exc:  # Boto3Error: upload_file's S3UploadFailedError
             raise InfraError(
                 f"S3 {action} of {self.uri_for(key)} failed: {exc}",
-                hint="check the credentials, the network and AWS_ENDPOINT_URL",
+                hint="check the bucket, the credentials, the network and AWS_ENDPOINT_URL",
             ) from exc
 
-    def put_file(self, local: Path, key: str, *, sha256: str | None = None) -> None:
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None, cancel: Cancel | None = None) -> None:
         digest = sha256 or _sha256_file(local)
+        extra = {"Metadata": {"sha256": digest}}
         with self._errors("upload", key):
-            self.client.upload_file(
-                str(local),
-                self.bucket,
-                self._key(key),
-                ExtraArgs={"Metadata": {"sha256": digest}},
-                Config=self.config,
-            )
+            if cancel is None:
+                self.client.upload_file(str(local), self.bucket, self._key(key), ExtraArgs=extra, Config=self.config)
+                return
+            self._cancellable_upload(local, key, extra, cancel)
+
+    def _cancellable_upload(self, local: Path, key: str, extra: dict[str, Any], cancel: Cancel) -> None:
+        """The transfer manager behind ``upload_file``, watched so the upload can be called off."""
+        from concurrent.futures import CancelledError
+
+        from s3transfer.manager import TransferManager
+
+        manager = TransferManager(self.client, self.config)
+        cancelled = False
+        try:
+            future = manager.upload(str(local), self.bucket, self._key(key), extra_args=extra)
+            while not future.done():
+                if cancel():
+                    future.cancel()  # aborts the multipart upload: no object appears
+                    cancelled = True
+                    break
+                time.sleep(0.05)
+            try:
+                future.result()
+            except CancelledError:
+                cancelled = True
+        finally:
+            manager.shutdown(cancel=cancelled)
+        if cancelled:
+            raise UploadCancelled(f"upload to {self.uri_for(key)} cancelled")
 
     def _expected_sha256(self, key: str) -> str | None:
         with self._errors("head", key):
@@ -435,11 +471,13 @@ def upload_checkpoint(
     *,
     on_file: Callable[[str], None] | None = None,
     replace: bool = True,
+    cancel: Cancel | None = None,
 ) -> CheckpointInfo:
     """Upload a committed local checkpoint: every file first, its manifest last.
 
     ``replace=False`` says the caller knows this step has no manifest in the store yet, which saves
-    a request.
+    a request. ``cancel`` is polled during the upload; when it says so, UploadCancelled is raised
+    before the manifest is written.
     """
     result = checkpoints.verify(checkpoint, hashes=False)
     if not result.ok or result.manifest is None or result.step is None:
@@ -450,7 +488,7 @@ def upload_checkpoint(
     if replace:
         storage.delete(f"{key}/{MANIFEST}")
     for rel, entry in sorted(result.manifest["files"].items()):
-        storage.put_file(checkpoint / rel, f"{key}/{rel}", sha256=entry["sha256"])
+        storage.put_file(checkpoint / rel, f"{key}/{rel}", sha256=entry["sha256"], cancel=cancel)
         if on_file is not None:
             on_file(rel)
     manifest_bytes = (checkpoint / MANIFEST).read_bytes()

@@ -42,6 +42,7 @@ from gpuline.errors import InfraError, InputError, Location
 from gpuline.storage import (
     CorruptCheckpoint,
     Storage,
+    UploadCancelled,
     download_checkpoint,
     prune_remote,
     remote_checkpoints,
@@ -369,11 +370,18 @@ class _Uploader(threading.Thread):
     its in-between checkpoints skipped.
     """
 
-    def __init__(self, req: TrainRequest, local_dir: Path, uploaded: dict[int, CheckpointInfo]) -> None:
+    def __init__(
+        self,
+        req: TrainRequest,
+        local_dir: Path,
+        uploaded: dict[int, CheckpointInfo],
+        stopping: threading.Event | None = None,
+    ) -> None:
         super().__init__(name="gpuline-checkpoint-upload", daemon=True)
         self.req = req
         self.local_dir = local_dir
         self.uploaded = uploaded
+        self.stopping = stopping or threading.Event()
         self.trainer_exited_cleanly = False
         self._halt = threading.Event()
         self._lock = threading.Lock()  # one upload in flight, whoever starts it
@@ -384,6 +392,8 @@ class _Uploader(threading.Thread):
             try:
                 while not self._halt.is_set() and self.sync() is not None:
                     pass
+            except UploadCancelled:
+                continue  # a newer checkpoint superseded it: go straight to that one
             except Exception as exc:  # keep training; the final flush raises if it still fails
                 self.failures += 1
                 self.req.log(f"checkpoint upload failed (will retry): {exc}")
@@ -407,6 +417,24 @@ class _Uploader(threading.Thread):
                 checkpoints.adopt(path, run_id=self.req.run_id)
                 self.req.log(f"committed a manifest for checkpoint step {step} written without one")
 
+    def _superseded(self, step: int) -> Callable[[], bool]:
+        """Once a stop is under way, an older upload gives way to the final checkpoint.
+
+        Otherwise a long upload of the last interval checkpoint would hold back the one that must be
+        durable before the machine goes away.
+        """
+
+        def check() -> bool:
+            if not self.stopping.is_set():
+                return False
+            newest = checkpoints.complete(self.local_dir)
+            if newest and newest[-1][0] > step and newest[-1][0] not in self.uploaded:
+                self.req.log(f"upload of checkpoint step {step} cancelled: step {newest[-1][0]} supersedes it")
+                return True
+            return False
+
+        return check
+
     def pending(self) -> list[tuple[int, Path]]:
         newest = checkpoints.complete(self.local_dir)[-self.req.keep :]
         return [(s, p) for s, p in newest if s not in self.uploaded]
@@ -422,7 +450,9 @@ class _Uploader(threading.Thread):
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             self.req.log(f"uploading checkpoint step {step} ({size / 1024**2:.1f} MiB)")
             # Steps in the store were all listed at start, so a step not in ``uploaded`` has no manifest there.
-            info = upload_checkpoint(self.req.storage, path, self.req.checkpoint_prefix, replace=False)
+            info = upload_checkpoint(
+                self.req.storage, path, self.req.checkpoint_prefix, replace=False, cancel=self._superseded(step)
+            )
             self.uploaded[step] = info
             self.req.log(f"checkpoint step {step} is durable at {info.uri}")
             self.req.on_event("checkpoint", {"uri": info.uri, "step": step, "sha256": info.sha256})
@@ -571,7 +601,7 @@ class Supervisor:
                 req.log(f"resuming run {req.run_id} from checkpoint step {resume.step} ({resume.uri})")
                 req.on_event("resume", {"step": resume.step, "uri": resume.uri})
             self._remember_remote()
-            uploader = _Uploader(req, self.paths.checkpoints, self.uploaded)
+            uploader = _Uploader(req, self.paths.checkpoints, self.uploaded, self.stop.event)
             watcher = self._start_spot_watcher()
             uploader.start()
             tail = _MetricsTail(self.paths.metrics)
@@ -754,9 +784,12 @@ class Supervisor:
             try:
                 # The newest goes first (it is what a preempted machine must not lose), then the rest
                 # of the newest ``keep``.
-                while uploader.sync() is not None:
-                    pass
-                return
+                while True:
+                    try:
+                        if uploader.sync() is None:
+                            return
+                    except UploadCancelled:
+                        continue
             except Exception as exc:
                 if attempt == 2:
                     raise InfraError(
