@@ -399,7 +399,8 @@ class _Uploader(threading.Thread):
                 self.req.log(f"checkpoint upload failed (will retry): {exc}")
                 self.req.on_event("checkpoint_upload_failed", {"error": str(exc)})
                 self._halt.wait(min(2.0 * self.failures, 10.0))
-            self._halt.wait(UPLOAD_POLL_S)
+            # During a stop the final checkpoint is on its way: look for it often.
+            self._halt.wait(UPLOAD_POLL_S / 5 if self.stopping.is_set() else UPLOAD_POLL_S)
 
     def stop(self) -> None:
         self._halt.set()
