@@ -20,14 +20,7 @@ from typing import Any
 
 import pytest
 
-REGION = "us-east-1"
-FAKE_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": REGION,
-    "AWS_REGION": REGION,
-}
+from servers import FAKE_CREDENTIALS, point_boto3_at
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -83,9 +76,5 @@ def serial_moto() -> Iterator[SerialMoto]:
 def serial_aws(serial_moto: SerialMoto, monkeypatch: pytest.MonkeyPatch) -> SerialMoto:
     """boto3 in this test (and the processes it starts) talks to the serialized moto server, emptied first."""
     serial_moto.reset()
-    for name, value in FAKE_CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", serial_moto)
-    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(name, raising=False)
+    point_boto3_at(serial_moto, monkeypatch)
     return serial_moto

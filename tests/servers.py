@@ -66,12 +66,17 @@ def moto_server() -> Iterator[MotoServer]:
 def aws_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> MotoServer:
     """boto3 in this test (and its subprocesses) talks to the moto server, which starts empty."""
     moto_server.reset()
+    point_boto3_at(moto_server, monkeypatch)
+    return moto_server
+
+
+def point_boto3_at(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials and an endpoint for boto3 in this test and the processes it starts."""
     for name, value in FAKE_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)
-    return moto_server
 
 
 # ---------------------------------------------------------------- EC2 instance metadata (IMDSv2)

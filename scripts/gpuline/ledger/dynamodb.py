@@ -258,19 +258,7 @@ class DynamoLedger:
             record = RunRecord.model_validate_json(_s(item, "body") or "{}")
             change(record)
             record.updated_at = utcnow()
-            try:
-                self._call(
-                    "update run",
-                    self._db.put_item,
-                    TableName=self.tables["runs"],
-                    Item=_run_item(record, version + 1),
-                    ConditionExpression="version = :v",
-                    ExpressionAttributeValues={":v": {"N": str(version)}},
-                )
-            except Exception as exc:
-                if _error_code(exc) == "ConditionalCheckFailedException":
-                    raise _Retry from None
-                raise
+            self._put_versioned("update run", "runs", _run_item(record, version + 1), version)
             return record
 
         result: RunRecord = self._retrying("update run", attempt)
@@ -548,12 +536,16 @@ class DynamoLedger:
         return LeaseRecord.model_validate_json(_s(item, "body") or "{}"), int(_f(item, "version"))
 
     def _put_lease(self, lease: LeaseRecord, version: int) -> None:
+        self._put_versioned("update lease", "leases", _lease_item(lease, version + 1), version)
+
+    def _put_versioned(self, what: str, table: str, item: dict[str, Any], version: int) -> None:
+        """Write ``item`` only if the stored one is still at ``version``; _Retry when another writer won."""
         try:
             self._call(
-                "update lease",
+                what,
                 self._db.put_item,
-                TableName=self.tables["leases"],
-                Item=_lease_item(lease, version + 1),
+                TableName=self.tables[table],
+                Item=item,
                 ConditionExpression="version = :v",
                 ExpressionAttributeValues={":v": {"N": str(version)}},
             )
