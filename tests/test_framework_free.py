@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,27 @@ def test_a_failed_gate_exits_1_promotes_nothing_and_still_tears_down(make: Any) 
     assert code == 1 and "has not passed its eval gates" in body["error"]
     code, body, _ = gpuline(project, "rollback", "--model", "tiny", "--stage", "production")
     assert code == 2 and "never been in production" in body["error"]
+
+
+def test_sigterm_to_train_is_a_preemption_that_says_how_to_resume(tmp_path: Path) -> None:
+    slow = readme_trainer().replace("step, w = step + 1,", "time.sleep(0.02)\n            step, w = step + 1,")
+    slow = slow.replace("import json, os, signal, sys", "import json, os, signal, sys, time")
+    config = write_project(tmp_path / "slow", spec_extra=GATES % "1.5", train_py=slow)
+    config.write_text(config.read_text().replace("steps: 10", "steps: 5000"))
+    project = config.parent
+    code, prov, err = gpuline(project, "provision")
+    assert code == 0, err
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpuline.cli", "train", "--run-id", prov["run_id"], "--json"],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    local = project / ".gpuline" / "runs" / prov["run_id"]
+    deadline = time.monotonic() + 120
+    while not list(local.rglob("step-*/manifest.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3
+    error = json.loads(out)["error"]
+    assert "preempted at step" in error and f"gpuline train --run-id {prov['run_id']}" in error

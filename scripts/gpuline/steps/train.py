@@ -92,6 +92,11 @@ def train(ctx: Context) -> dict[str, Any]:
                 "a checkpoint was saved",
                 hint="raise resources.max_duration or train fewer steps; `gpuline train` resumes this run",
             )
+        if outcome.stop_reason == "preempted":
+            raise InfraError(
+                f"the machine was preempted at step {outcome.final_step}; its final checkpoint is durable",
+                hint=f"run `gpuline train --run-id {record.run_id}` on a new machine: it resumes from that step",
+            )
         if outcome.exit_code != 0:
             raise InfraError(
                 f"training failed (exit {outcome.exit_code}, {outcome.stop_reason}) at step {outcome.final_step}",
