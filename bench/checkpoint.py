@@ -39,9 +39,9 @@ from typing import Any
 import boto3
 import torch
 
-from gpuline import checkpoints
 from gpuline.storage import S3Storage, open_storage, transfer_config, upload_checkpoint
-from gpuline.supervisor import TrainRequest, supervise
+from gpuline.training import checkpoints
+from gpuline.training.supervisor import TrainRequest, supervise
 from gpuline_trainer import TorchCheckpointer
 
 BUCKET = "gpuline-bench"

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gpuline.cost import MIN_HISTORY, estimate_duration
+from gpuline.decisions.cost import MIN_HISTORY, estimate_duration
+from gpuline.decisions.pricing import load_catalog
 from gpuline.ledger.sqlite import SqliteLedger
-from gpuline.pricing import load_catalog
 from gpuline.runs import RunRecord
 from gpuline.spec import Spec
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.storage import Storage, open_storage
-from gpuline.supervisor import TrainRequest
+from gpuline.training.supervisor import TrainRequest
 
 TRAINER = r"""
 import json, os, signal, sys, time
 from pathlib import Path
-from gpuline import checkpoints
+from gpuline.training import checkpoints
 
 hp = json.loads(os.environ.get("GPULINE_HPARAMS", "{}"))
 metrics = open(os.environ["GPULINE_METRICS_PATH"], "a")
@@ -206,7 +206,7 @@ from dataclasses import asdict
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from fixtures_training import make_request
-from gpuline.supervisor import supervise
+from gpuline.training.supervisor import supervise
 
 args = json.loads(sys.argv[1])
 project = Path(args.pop("project"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuline import checkpoints
-from gpuline.checkpoints import MANIFEST, commit_checkpoint, newest_valid, prune, verify
+from gpuline.training import checkpoints
+from gpuline.training.checkpoints import MANIFEST, commit_checkpoint, newest_valid, prune, verify
 
 
 def _commit(root: Path, step: int, payload: bytes = b"weights", run_id: str = "run-1") -> Path:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from gpuline import compat
+from gpuline.training import compat
 
 
 def test_cpu_runs_have_no_cuda_requirements() -> None:

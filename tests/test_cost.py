@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpuline.cost import (
+from gpuline.decisions.cost import (
     actual_cost,
     billing_text,
     estimate,
@@ -17,9 +17,9 @@ from gpuline.cost import (
     from_history,
     history_samples,
 )
+from gpuline.decisions.pricing import Catalog, load_catalog
+from gpuline.decisions.queue import estimate_wait
 from gpuline.ledger.sqlite import SqliteLedger
-from gpuline.pricing import Catalog, load_catalog
-from gpuline.queue import estimate_wait
 from gpuline.runs import LeaseRecord, RunRecord, utcnow
 from gpuline.spec import Policy, Spec
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import write_project
-from gpuline import dataset
 from gpuline.errors import ConfigError, InputError
 from gpuline.spec import load_spec
+from gpuline.training import dataset
 
 
 def npz_project(tmp_path: Path, schema: str) -> Path:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuline.gates import evaluate
+from gpuline.decisions.gates import evaluate
 from gpuline.spec import Gate
 
 CANDIDATE = {"accuracy": 0.90, "loss": 0.30, "slices": {"night": {"accuracy": 0.70}}, "flag": True}

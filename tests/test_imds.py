@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuline import imds
-from gpuline.imds import ImdsClient, ImdsError, SpotNotice, SpotWatcher
+from gpuline.training import imds
+from gpuline.training.imds import ImdsClient, ImdsError, SpotNotice, SpotWatcher
 from servers import ImdsServer
 
 

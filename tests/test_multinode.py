@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from fixtures_training import Recorder
-from gpuline import checkpoints
 from gpuline.storage import open_storage
-from gpuline.supervisor import TrainOutcome, TrainRequest, supervise
+from gpuline.training import checkpoints
+from gpuline.training.supervisor import TrainOutcome, TrainRequest, supervise
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "templates" / "example"
 

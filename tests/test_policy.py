@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gpuline.cost import CostEstimate, estimate, estimate_duration
-from gpuline.policy import (
+from gpuline.decisions.cost import CostEstimate, estimate, estimate_duration
+from gpuline.decisions.policy import (
     alternatives,
     approvals_from,
     budget_lines,
@@ -19,7 +19,7 @@ from gpuline.policy import (
     room_left,
     team_cap,
 )
-from gpuline.pricing import Catalog, load_catalog
+from gpuline.decisions.pricing import Catalog, load_catalog
 from gpuline.runs import Cap, Reservation, Usage, utcnow
 from gpuline.spec import Policy, Spec
 from test_cost import make_spec

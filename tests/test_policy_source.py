@@ -12,8 +12,8 @@ import pytest
 
 from conftest import write_project
 from github_fake import FakeGitHub
+from gpuline.decisions.policy_source import FileNotAtRef, read_at_ref
 from gpuline.errors import InputError
-from gpuline.policy_source import FileNotAtRef, read_at_ref
 
 TIGHT = """\
 version: 1

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuline import pricing
+from gpuline.decisions import pricing
+from gpuline.decisions.pricing import Billing, Catalog, load_catalog
 from gpuline.errors import ConfigError, InputError
-from gpuline.pricing import Billing, Catalog, load_catalog
 
 
 @pytest.fixture

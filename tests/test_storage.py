@@ -15,7 +15,6 @@ from pathlib import Path
 import boto3
 import pytest
 
-from gpuline import checkpoints
 from gpuline.errors import InfraError, InputError
 from gpuline.storage import (
     ChecksumMismatch,
@@ -32,6 +31,7 @@ from gpuline.storage import (
     remote_checkpoints,
     upload_checkpoint,
 )
+from gpuline.training import checkpoints
 from servers import MotoServer
 
 BUCKET = "gpuline-test"

@@ -15,10 +15,10 @@ import boto3
 import pytest
 
 from fixtures_training import Recorder, driver_argv, make_request, wait_for_metrics, when_metrics_reach, write_trainer
-from gpuline import checkpoints
 from gpuline.errors import InfraError, InputError
 from gpuline.storage import Cancel, LocalStorage, UploadCancelled, open_storage, remote_checkpoints
-from gpuline.supervisor import SmokeResult, check_entrypoint_imports, launch_argv, smoke_test, supervise
+from gpuline.training import checkpoints
+from gpuline.training.supervisor import SmokeResult, check_entrypoint_imports, launch_argv, smoke_test, supervise
 from servers import ImdsServer, MotoServer
 
 

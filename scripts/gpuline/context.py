@@ -81,7 +81,7 @@ class Context:
         path = self.policy_path or self.project_dir / "policy.yml"
         if self.policy_ref:
             # Policy is trusted input: read it from the base branch, never from the PR's working tree.
-            from gpuline.policy_source import read_at_ref
+            from gpuline.decisions.policy_source import read_at_ref
 
             text = read_at_ref(self.policy_ref, path)
             return load_policy(path, text)

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
-from gpuline import checkpoints
-from gpuline.checkpoints import MANIFEST, CheckpointInfo
 from gpuline.errors import InfraError, InputError
+from gpuline.training import checkpoints
+from gpuline.training.checkpoints import MANIFEST, CheckpointInfo
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig

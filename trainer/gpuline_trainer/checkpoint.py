@@ -1,4 +1,4 @@
-"""Torch checkpoints on top of ``gpuline.checkpoints``: snapshot fast, write in the background.
+"""Torch checkpoints on top of ``gpuline.training.checkpoints``: snapshot fast, write in the background.
 
 ``save(step, state)`` copies every tensor of ``state`` into CPU memory (the only time the training
 loop waits), then background threads serialise each top-level entry to ``<name>.pt`` side by side,
@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from gpuline import checkpoints
+from gpuline.training import checkpoints
 
 
 class _HashingWriter:

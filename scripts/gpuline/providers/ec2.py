@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpuline import gha
+from gpuline.decisions.pricing import load_catalog
 from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
-from gpuline.pricing import load_catalog
 from gpuline.providers.base import TAG_MANAGED, LeaseRequest, Machine, MachineState
 from gpuline.providers.failover import Backoff, Candidate, Failure, Refusal, first_that_launches
 from gpuline.providers.options import parse_options

@@ -16,9 +16,8 @@ from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
-from gpuline.cost import CostEstimate, DurationEstimate, billing_text, estimate, estimate_duration
-from gpuline.errors import ConfigError, InputError, PolicyDenied
-from gpuline.policy import (
+from gpuline.decisions.cost import CostEstimate, DurationEstimate, billing_text, estimate, estimate_duration
+from gpuline.decisions.policy import (
     Decision,
     alternatives,
     approval_how,
@@ -30,8 +29,9 @@ from gpuline.policy import (
     room_left,
     team_cap,
 )
-from gpuline.pricing import Catalog, load_catalog
-from gpuline.queue import QueueEstimate, estimate_wait
+from gpuline.decisions.pricing import Catalog, load_catalog
+from gpuline.decisions.queue import QueueEstimate, estimate_wait
+from gpuline.errors import ConfigError, InputError, PolicyDenied
 from gpuline.runs import Cap, Ledger, Reservation, RunRecord, Usage, period_key, utcnow
 from gpuline.spec import TIERS, Spec
 from gpuline.steps.common import outputs, recorded, table
@@ -232,7 +232,7 @@ def _reserve(
 
 def _base_estimate(ctx: Context, base_ref: str, catalog: Catalog, tier: str) -> CostEstimate | None:
     """The same estimate for the base branch's gpuline.yml, for the PR's diff."""
-    from gpuline.policy_source import read_at_ref
+    from gpuline.decisions.policy_source import read_at_ref
     from gpuline.spec import _validate
     from gpuline.yamlsource import load_yaml
 

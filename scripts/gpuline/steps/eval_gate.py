@@ -8,8 +8,8 @@ from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
+from gpuline.decisions.gates import evaluate
 from gpuline.errors import GateFailed, InputError
-from gpuline.gates import evaluate
 from gpuline.runs import RunRecord
 from gpuline.steps.common import outputs, recorded
 

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-from gpuline import compat, dataset, gha
+from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import ConfigError, InputError, Location, PolicyDenied
 from gpuline.runs import RunRecord
 from gpuline.spec import Spec, Tier
 from gpuline.steps.common import outputs, recorded, table
+from gpuline.training import compat, dataset
 
 SMOKE_TIMEOUT_S = 180
 
@@ -120,7 +121,7 @@ def entrypoint_file(ctx: Context, spec: Spec) -> Path:
 
 
 def check_entrypoint(ctx: Context, spec: Spec) -> str:
-    from gpuline.supervisor import check_entrypoint_imports
+    from gpuline.training.supervisor import check_entrypoint_imports
 
     path = entrypoint_file(ctx, spec)
     check_entrypoint_imports(path, ctx.project_dir / spec.entrypoint.workdir)
@@ -137,7 +138,7 @@ def entry_command(spec: Spec) -> list[str]:
 
 
 def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | None]:
-    from gpuline.supervisor import smoke_test
+    from gpuline.training.supervisor import smoke_test
 
     path = dataset.resolve(spec, ctx.project_dir, ctx.config_path, ctx.workdir(record.run_id))
     result = smoke_test(

@@ -19,8 +19,8 @@ from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
+from gpuline.decisions.pricing import load_catalog
 from gpuline.errors import InputError
-from gpuline.pricing import load_catalog
 from gpuline.providers import PROVIDERS, open_provider
 from gpuline.providers.base import (
     TAG_EXPIRES_AT,

@@ -12,9 +12,9 @@ from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
-from gpuline.cost import actual_cost, device_count
+from gpuline.decisions.cost import actual_cost, device_count
+from gpuline.decisions.pricing import load_catalog
 from gpuline.errors import NotFoundError
-from gpuline.pricing import load_catalog
 from gpuline.providers import open_provider
 from gpuline.providers.options import options_for
 from gpuline.runs import RunRecord, utcnow

@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gpuline import dataset, gha
+from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import InfraError, RefusedError
 from gpuline.runs import Checkpoint, RunRecord
 from gpuline.steps.common import outputs, recorded, table
 from gpuline.steps.preflight import entry_command
+from gpuline.training import dataset
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def model_prefix(run_id: str) -> str:
 
 def train(ctx: Context) -> dict[str, Any]:
     record = ctx.require_run()
-    from gpuline.supervisor import TrainRequest, supervise
+    from gpuline.training.supervisor import TrainRequest, supervise
 
     # The run keeps the tier it was created with; a later step must not train a different config.
     ctx.use_tier(record.tier)

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from gpuline.cost import CostEstimate, DurationEstimate, estimate, spec_steps
+from gpuline.decisions.cost import CostEstimate, DurationEstimate, estimate, spec_steps
+from gpuline.decisions.pricing import Catalog
 from gpuline.errors import GpulineError
-from gpuline.pricing import Catalog
 from gpuline.runs import Cap, Reservation, Usage, period_key, utcnow
 from gpuline.spec import Limit, Policy, Spec, TeamBudget, Tier, TierPolicy
 

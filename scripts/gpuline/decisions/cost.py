@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from gpuline.pricing import Catalog, Instance
+from gpuline.decisions.pricing import Catalog, Instance
 from gpuline.runs import Ledger, RunRecord
 from gpuline.spec import Spec
 

@@ -36,8 +36,6 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Literal
 
-from gpuline import checkpoints, imds
-from gpuline.checkpoints import CheckpointInfo
 from gpuline.errors import InfraError, InputError, Location
 from gpuline.storage import (
     CorruptCheckpoint,
@@ -48,6 +46,8 @@ from gpuline.storage import (
     remote_checkpoints,
     upload_checkpoint,
 )
+from gpuline.training import checkpoints, imds
+from gpuline.training.checkpoints import CheckpointInfo
 
 StopReason = Literal["completed", "max_duration", "preempted", "failed"]
 GRACE_S = 25.0  # fits GCP's and Kubernetes' 30 s between SIGTERM and SIGKILL

@@ -1,0 +1,1 @@
+"""What decides money and quality: pricing, cost and queue estimates, policy, quota, gates."""

@@ -1,0 +1,1 @@
+"""The training side of the orchestrator: supervising the trainer, checkpoints, datasets, preflight checks."""
