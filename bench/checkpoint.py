@@ -40,8 +40,7 @@ import boto3
 import torch
 
 from gpuline.storage import S3Storage, open_storage, transfer_config, upload_checkpoint
-from gpuline.training import checkpoints
-from gpuline.training.supervisor import TrainRequest, supervise
+from gpuline.training import TrainRequest, checkpoints, supervise
 from gpuline_trainer import TorchCheckpointer
 
 BUCKET = "gpuline-bench"

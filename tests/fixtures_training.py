@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.storage import Storage, open_storage
-from gpuline.training.supervisor import TrainRequest
+from gpuline.training import TrainRequest
 
 TRAINER = r"""
 import json, os, signal, sys, time
@@ -206,7 +206,7 @@ from dataclasses import asdict
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from fixtures_training import make_request
-from gpuline.training.supervisor import supervise
+from gpuline.training import supervise
 
 args = json.loads(sys.argv[1])
 project = Path(args.pop("project"))

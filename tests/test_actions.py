@@ -163,6 +163,38 @@ def test_install_script_passes_shellcheck() -> None:
     assert out.returncode == 0, out.stdout
 
 
+def test_the_shared_python_chooser_passes_shellcheck() -> None:
+    script = str(ROOT / "actions/setup/user-python.sh")
+    out = subprocess.run([shellcheck(), script], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize("choice", ["gpuline", "path", "conda"])
+def test_the_shared_python_chooser_sets_the_interpreter_or_refuses(choice: str, tmp_path: Path) -> None:
+    # A stand-in for the installed `gpuline` command: it shows what it was started with.
+    fake = tmp_path / "gpuline"
+    fake.write_text('#!/usr/bin/env bash\necho "python=$GPULINE_PYTHON args=$*"\n')
+    fake.chmod(0o755)
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    env = {
+        "PATH": os.environ["PATH"],
+        "GPULINE": str(fake),
+        "GPULINE_VENV_PYTHON": str(venv_python),
+        "GPULINE_TRAIN_PYTHON": choice,
+    }
+    script = ROOT / "actions/setup/user-python.sh"
+    # As the action's step runs it: sourced, then the command.
+    line = f'set -eo pipefail; . "{script}"; "$GPULINE" train'
+    out = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, check=False, timeout=30)
+    if choice == "conda":
+        assert out.returncode == 2
+        assert "input python must be gpuline or path (got: conda)" in out.stdout
+        return
+    assert out.returncode == 0, out.stderr
+    expected = str(venv_python) if choice == "gpuline" else shutil.which("python") or shutil.which("python3")
+    assert out.stdout.strip() == f"python={expected} args=train"
+
+
 _NETWORK_ENV = (
     "SSL_CERT_",
     "REQUESTS_CA_BUNDLE",

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import write_project
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
 def readme_trainer() -> str:

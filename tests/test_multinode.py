@@ -16,8 +16,7 @@ import pytest
 
 from fixtures_training import Recorder
 from gpuline.storage import open_storage
-from gpuline.training import checkpoints
-from gpuline.training.supervisor import TrainOutcome, TrainRequest, supervise
+from gpuline.training import TrainOutcome, TrainRequest, checkpoints, supervise
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "templates" / "example"
 

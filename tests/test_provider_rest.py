@@ -104,8 +104,10 @@ def test_the_token_is_sent_as_a_bearer_header_and_masked_in_actions(
     tmp_path: Path, rest_cloud: RestCloud, actions_env: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fixtures_rest import TOKEN
+    from gpuline.lease.machines import masked
 
-    provider(tmp_path, rest_cloud).list_owned()
+    # Steps open every provider through `masked`: the provider names its secrets, the step masks them.
+    masked(provider(tmp_path, rest_cloud)).list_owned()
     assert rest_cloud.requests[-1][2]["Authorization"] == f"Bearer {TOKEN}"
     out = capsys.readouterr().out
     assert f"::add-mask::{TOKEN}" in out

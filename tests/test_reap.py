@@ -43,7 +43,7 @@ def context(config: Path) -> Context:
 def provision_here(config: Path) -> tuple[Context, dict[str, Any]]:
     """Provision from this (living) test process, as `gpuline run` would."""
     ctx = context(config)
-    return ctx, provision(ctx, process_bound=True)
+    return ctx, provision(ctx, process_bound=True).to_json()
 
 
 def provision_and_exit(config: Path) -> str:
@@ -52,7 +52,7 @@ def provision_and_exit(config: Path) -> str:
         "import sys; from pathlib import Path; from gpuline.context import Context; "
         "from gpuline.steps.provision import provision; "
         f"ctx = Context(config_path=Path({str(config)!r}), tier='nightly'); "
-        "result = provision(ctx, process_bound=True); print('RUN_ID=' + result['run_id'])"
+        "result = provision(ctx, process_bound=True); print('RUN_ID=' + result.run_id)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     return next(line for line in done.stdout.splitlines() if line.startswith("RUN_ID=")).removeprefix("RUN_ID=")
@@ -287,7 +287,7 @@ def test_a_lease_held_by_a_finished_workflow_run_is_abandoned(
     for name, value in {"GITHUB_REPOSITORY": "octo/models", "GITHUB_RUN_ID": "4242", "GITHUB_RUN_ATTEMPT": "1"}.items():
         monkeypatch.setenv(name, value)
     ctx = context(project)
-    result = provision(ctx, process_bound=False)  # a `gpuline provision` step: the workflow holds the lease
+    result = provision(ctx, process_bound=False).to_json()  # a `gpuline provision` step: the workflow holds the lease
     workflow_api(httpserver, status, conclusion)
     monkeypatch.setenv("GITHUB_API_URL", httpserver.url_for("").rstrip("/"))
     monkeypatch.setenv("GPULINE_GITHUB_TOKEN", "t")

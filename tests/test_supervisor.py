@@ -17,8 +17,7 @@ import pytest
 from fixtures_training import Recorder, driver_argv, make_request, wait_for_metrics, when_metrics_reach, write_trainer
 from gpuline.errors import InfraError, InputError
 from gpuline.storage import Cancel, LocalStorage, UploadCancelled, open_storage, remote_checkpoints
-from gpuline.training import checkpoints
-from gpuline.training.supervisor import SmokeResult, check_entrypoint_imports, launch_argv, smoke_test, supervise
+from gpuline.training import SmokeResult, check_entrypoint_imports, checkpoints, launch_argv, smoke_test, supervise
 from servers import ImdsServer, MotoServer
 
 
@@ -389,7 +388,7 @@ def test_keep_must_be_positive(tmp_path: Path) -> None:
 
 
 def _readme_trainer(directory: Path) -> Path:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     block = readme.split("A\nframework-free trainer:\n\n```python\n", 1)[1].split("```", 1)[0]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "readme_train.py").write_text(block)

@@ -16,8 +16,7 @@ import torch
 
 from fixtures_training import Recorder, when_metrics_reach
 from gpuline.storage import open_storage
-from gpuline.training import checkpoints
-from gpuline.training.supervisor import TrainOutcome, TrainRequest, smoke_test, supervise
+from gpuline.training import TrainOutcome, TrainRequest, checkpoints, smoke_test, supervise
 from gpuline_trainer import Contract, ResumableBatches, StopFlag, TorchCheckpointer, rng_state, set_rng_state
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "templates" / "example"

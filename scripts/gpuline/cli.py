@@ -10,12 +10,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-# name -> (module:function, help). The function takes the parsed args and returns a JSON-able dict.
+from gpuline.inputs import Inputs
+
+if TYPE_CHECKING:
+    from gpuline.context import Context
+    from gpuline.results import StepResult
+
+# name -> (module:function, help). The function takes the command's Context and the parsed args and
+# returns a typed result (gpuline.results), which this module writes: outputs, summary, JSON.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("gpuline.steps.pipeline:run", "run a whole tier: preflight through teardown"),
     "preflight": (
@@ -47,22 +53,19 @@ STANDALONE: dict[str, str] = {"comment": "gpuline.commands.comment:main"}
 TIERS = ("pr-fast", "nightly", "release")
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(inputs: Inputs | None = None) -> argparse.ArgumentParser:
+    """The parser; every flag's default is the matching input from the environment (gpuline.inputs)."""
+    env = inputs or Inputs.from_env()
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=_env("GPULINE_CONFIG", "gpuline.yml"), help="path of gpuline.yml")
-    common.add_argument("--policy", default=_env("GPULINE_POLICY"), help="policy.yml (default: beside the config)")
+    common.add_argument("--config", default=env.config or "gpuline.yml", help="path of gpuline.yml")
+    common.add_argument("--policy", default=env.policy, help="policy.yml (default: beside the config)")
     common.add_argument(
         "--policy-ref",
-        default=_env("GPULINE_POLICY_REF"),
+        default=env.policy_ref,
         help="read the policy from this git ref (the base branch)",
     )
-    common.add_argument("--run-id", default=_env("GPULINE_RUN_ID"), help="the run to act on")
-    common.add_argument("--tier", choices=TIERS, default=_env("GPULINE_TIER"), help="pr-fast, nightly or release")
+    common.add_argument("--run-id", default=env.run_id, help="the run to act on")
+    common.add_argument("--tier", choices=TIERS, default=env.tier, help="pr-fast, nightly or release")
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -76,46 +79,46 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
         add_args = _ADD_ARGS.get(name)
         if add_args is not None:
-            add_args(p)
+            add_args(p, env)
     return parser
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", default=_env("GPULINE_PROVIDER"), help="override resources.provider")
-    p.add_argument("--stage", choices=("staging", "production"), default=_env("GPULINE_STAGE"))
-    p.add_argument("--labels", default=_env("GPULINE_PR_LABELS", ""), help="comma-separated PR labels (approvals)")
-    p.add_argument("--base-ref", default=_env("GPULINE_BASE_REF"), help="git ref to diff the estimate against")
+def _run_args(p: argparse.ArgumentParser, env: Inputs) -> None:
+    p.add_argument("--provider", default=env.provider, help="override resources.provider")
+    p.add_argument("--stage", choices=("staging", "production"), default=env.stage)
+    p.add_argument("--labels", default=env.pr_labels or "", help="comma-separated PR labels (approvals)")
+    p.add_argument("--base-ref", default=env.base_ref, help="git ref to diff the estimate against")
 
 
-def _provision_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", default=_env("GPULINE_PROVIDER"), help="override resources.provider")
-    p.add_argument("--runner-label", default=_env("GPULINE_RUNNER_LABEL"), help="label of the runner to create")
+def _provision_args(p: argparse.ArgumentParser, env: Inputs) -> None:
+    p.add_argument("--provider", default=env.provider, help="override resources.provider")
+    p.add_argument("--runner-label", default=env.runner_label, help="label of the runner to create")
 
 
-def _cost_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--labels", default=_env("GPULINE_PR_LABELS", ""), help="comma-separated PR labels (approvals)")
-    p.add_argument("--base-ref", default=_env("GPULINE_BASE_REF"), help="git ref to diff the estimate against")
+def _cost_args(p: argparse.ArgumentParser, env: Inputs) -> None:
+    p.add_argument("--labels", default=env.pr_labels or "", help="comma-separated PR labels (approvals)")
+    p.add_argument("--base-ref", default=env.base_ref, help="git ref to diff the estimate against")
     p.add_argument("--no-reserve", action="store_true", help="estimate and decide only; hold no quota")
 
 
-def _stage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", choices=("staging", "production"), default=_env("GPULINE_STAGE"))
-    p.add_argument("--model", default=_env("GPULINE_MODEL"), help="model name (default: from gpuline.yml)")
+def _stage_args(p: argparse.ArgumentParser, env: Inputs) -> None:
+    p.add_argument("--stage", choices=("staging", "production"), default=env.stage)
+    p.add_argument("--model", default=env.model, help="model name (default: from gpuline.yml)")
 
 
-def _status_args(p: argparse.ArgumentParser) -> None:
+def _status_args(p: argparse.ArgumentParser, env: Inputs) -> None:
     p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to show (default: the latest)")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--events", action="store_true", help="include each run's events")
 
 
-def _reap_args(p: argparse.ArgumentParser) -> None:
+def _reap_args(p: argparse.ArgumentParser, env: Inputs) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--grace", default=_env("GPULINE_BOOT_GRACE", "10m"), help="boot grace period (never reap younger)")
+    p.add_argument("--grace", default=env.boot_grace or "10m", help="boot grace period (never reap younger)")
     p.add_argument("--provider", action="append", default=None, help="providers to sweep (default: all in use)")
 
 
-def _schema_args(p: argparse.ArgumentParser) -> None:
+def _schema_args(p: argparse.ArgumentParser, env: Inputs) -> None:
     p.add_argument(
         "--policy-schema",
         "--for-policy",
@@ -125,12 +128,12 @@ def _schema_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _report_args(p: argparse.ArgumentParser) -> None:
+def _report_args(p: argparse.ArgumentParser, env: Inputs) -> None:
     p.add_argument("--weeks", type=int, default=4, help="how many ISO weeks back, this one included")
     p.add_argument("--team", default=None, help="only this team")
 
 
-_ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+_ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser, Inputs], None]] = {
     "run": _run_args,
     "cost-estimate": _cost_args,
     "provision": _provision_args,
@@ -156,8 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         module_name, _, func_name = STANDALONE[args_list[0]].partition(":")
         standalone: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func_name)
         return standalone(args_list[1:])
-    parser = build_parser()
+    inputs = Inputs.from_env()  # the one read of the environment's inputs for this command
+    parser = build_parser(inputs)
     args = parser.parse_args(args_list)
+    args.inputs = inputs
     if args.version:
         from gpuline import __version__
 
@@ -180,32 +185,56 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from gpuline import gha
+    from gpuline.context import Context
     from gpuline.errors import GpulineError
 
     target, _ = COMMANDS[args.command]
     module_name, _, func_name = target.partition(":")
+    ctx = Context.from_args(args)
     try:
-        func: Callable[[argparse.Namespace], dict[str, Any]] = getattr(importlib.import_module(module_name), func_name)
-        result = func(args)
+        func: Callable[[Context, argparse.Namespace], StepResult]
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(ctx, args)
     except GpulineError as exc:
+        _write(ctx, exc.result, args)
         _report(exc, args)
         if args.json:
             print(json.dumps({"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}))
         return exc.exit_code
     except KeyboardInterrupt:
+        _write(ctx, None, args)
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        _write(ctx, None, args)
         if args.debug:
             raise
-        gha.annotate("error", f"internal error: {type(exc).__name__}: {exc}", title="gpuline internal error")
-        print("this is a bug in gpuline; rerun with --debug for the traceback", file=sys.stderr)
+        _internal_error(exc)
         return 3
+    _write(ctx, result, args)
     if args.json:
-        print(json.dumps({"ok": True, **result}, default=str, indent=2))
-    code = result.get("exit_code", 0)
-    return code if isinstance(code, int) else 0
+        print(json.dumps({"ok": True, **result.to_json()}, default=str, indent=2))
+    return 0
+
+
+def _write(ctx: Context, result: object, args: argparse.Namespace) -> None:
+    """Write a result (a failed step's too, when it produced one) and the id of a run this command created."""
+    from gpuline import gha
+    from gpuline.render import summary
+    from gpuline.results import StepResult
+
+    if ctx.created_run and ctx.run_id:
+        # Even when a step fails: teardown (if: always()) needs the id to end the run.
+        gha.set_output("run-id", ctx.run_id)
+    if isinstance(result, StepResult):
+        summary.write(result, json_mode=args.json)
+
+
+def _internal_error(exc: Exception) -> None:
+    from gpuline import gha
+
+    gha.annotate("error", f"internal error: {type(exc).__name__}: {exc}", title="gpuline internal error")
+    print("this is a bug in gpuline; rerun with --debug for the traceback", file=sys.stderr)
 
 
 def _report(exc: Exception, args: argparse.Namespace) -> None:

@@ -14,8 +14,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpuline import gha
 from gpuline.errors import ConfigError, InputError
+from gpuline.inputs import Inputs
 from gpuline.ledger import open_ledger
 from gpuline.registry import open_registry
 from gpuline.registry.base import ModelRegistry
@@ -35,10 +35,14 @@ class Context:
     policy_ref: str | None = None
     run_id: str | None = None
     json: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    inputs: Inputs = field(default_factory=Inputs.from_env)
+    # Set when this context created the run: the caller reports the new id even if a step then fails.
+    created_run: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, default_tier: str = "nightly") -> Context:
+        """The context of one command; ``args`` carries the inputs the CLI read (flags over environment)."""
+        inputs = getattr(args, "inputs", None)
         return cls(
             config_path=Path(args.config),
             tier=args.tier or default_tier,
@@ -46,6 +50,7 @@ class Context:
             policy_ref=args.policy_ref,
             run_id=args.run_id,
             json=args.json,
+            inputs=inputs if isinstance(inputs, Inputs) else Inputs.from_env(),
         )
 
     # ------------------------------------------------------------ configuration
@@ -103,17 +108,17 @@ class Context:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return open_ledger(os.environ.get("GPULINE_LEDGER") or self.backends.ledger, self.project_dir)
+        return open_ledger(self.inputs.ledger or self.backends.ledger, self.project_dir)
 
     @cached_property
     def registry(self) -> ModelRegistry:
-        return open_registry(os.environ.get("GPULINE_REGISTRY") or self.backends.registry, self.project_dir)
+        return open_registry(self.inputs.registry or self.backends.registry, self.project_dir)
 
     @cached_property
     def storage(self) -> Storage:
         from gpuline.storage import open_storage
 
-        return open_storage(os.environ.get("GPULINE_STORAGE") or self.backends.storage, self.project_dir)
+        return open_storage(self.inputs.storage or self.backends.storage, self.project_dir)
 
     def workdir(self, run_id: str) -> Path:
         path = self.project_dir / ".gpuline" / "runs" / run_id
@@ -148,7 +153,7 @@ class Context:
         self.ledger.create_run(record)
         self.ledger.append_event(record.run_id, "run.created", {"tier": self.tier, "config": str(self.config_path)})
         self.run_id = record.run_id
-        gha.set_output("run-id", record.run_id)
+        self.created_run = True
         return record
 
     def event(self, kind: str, **data: Any) -> None:
@@ -162,7 +167,7 @@ def collect_lineage(ctx: Context, spec: Spec) -> Lineage:
     run_url = ""
     if env.get("GITHUB_REPOSITORY") and env.get("GITHUB_RUN_ID"):
         run_url = f"{server}/{env['GITHUB_REPOSITORY']}/actions/runs/{env['GITHUB_RUN_ID']}"
-    image = env.get("GPULINE_IMAGE_DIGEST") or (spec.resources.image or "")
+    image = ctx.inputs.image_digest or (spec.resources.image or "")
     return Lineage(
         repo=env.get("GITHUB_REPOSITORY") or _git(ctx.project_dir, "config", "--get", "remote.origin.url"),
         commit=env.get("GITHUB_SHA") or _git(ctx.project_dir, "rev-parse", "HEAD"),

@@ -32,7 +32,8 @@ DATASET_PATH = "GPULINE_DATASET_PATH"
 RESUME_FROM = "GPULINE_RESUME_FROM"
 MAX_DURATION_S = "GPULINE_MAX_DURATION_S"
 RDZV_ENDPOINT = "GPULINE_RDZV_ENDPOINT"
-IMPORT_CHECK = "GPULINE_IMPORT_CHECK"  # set while preflight imports the entrypoint: do no work
+# Preflight's import check prints its report on one line after this marker (the child may print more).
+IMPORT_CHECK = "GPULINE_IMPORT_CHECK"
 
 # Names a child must never inherit from the parent's environment: they describe one launch only.
 PER_LAUNCH = frozenset({RESUME_FROM, DATASET_PATH})
@@ -64,6 +65,7 @@ ESTIMATE_TIER = "GPULINE_ESTIMATE_TIER"
 IMDS_ENDPOINT = "GPULINE_IMDS_ENDPOINT"
 S3_CHUNK_MB = "GPULINE_S3_CHUNK_MB"
 S3_CONCURRENCY = "GPULINE_S3_CONCURRENCY"
+REST_TOKEN = "GPULINE_REST_TOKEN"  # the REST provider's default token_env
 ROOT = "GPULINE_ROOT"  # prefixes every path the EC2 user-data script writes (tests run it in a folder)
 
 # ---------------------------------------------------------------- test hooks (unset in real use)
@@ -97,7 +99,7 @@ class TrainerContract:
             METRICS_PATH: str(self.metrics_path),
             EVAL_PATH: str(self.eval_path),
             OUTPUT_DIR: str(self.output_dir),
-            HPARAMS: json.dumps(dict(self.hparams), sort_keys=True),
+            HPARAMS: encode_hparams(self.hparams),
             SMOKE: "1" if self.smoke else "0",
             # Lines reach the log as they are printed, not when a buffer fills.
             "PYTHONUNBUFFERED": "1",
@@ -142,6 +144,11 @@ class TrainerContract:
             max_duration_s=float(env[MAX_DURATION_S]) if env.get(MAX_DURATION_S) else None,
             smoke=env.get(SMOKE) == "1",
         )
+
+
+def encode_hparams(hparams: Mapping[str, Any]) -> str:
+    """The value of ``GPULINE_HPARAMS``: one JSON object, keys sorted so equal hyperparameters read equal."""
+    return json.dumps(dict(hparams), sort_keys=True)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -39,6 +39,13 @@ class GpulineError(Exception):
         self.message = message
         self.hint = hint
         self.location = location
+        # What the failing step produced before it failed (a gpuline.results.StepResult: a denied
+        # estimate, a failed gate), written out by the CLI before the error itself.
+        self.result: object | None = None
+
+    def with_result(self, result: object) -> GpulineError:
+        self.result = result
+        return self
 
     def one_line(self) -> str:
         text = self.message

@@ -28,6 +28,11 @@ class Registry:
         self.entries = dict(entries)
         self.aliases = dict(aliases or {})
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` (or an alias of it) is an entry, for callers with their own error text."""
+        key = name.strip().lower()
+        return self.aliases.get(key, key) in self.entries
+
     def canonical(self, name: str) -> str:
         key = name.strip().lower()
         key = self.aliases.get(key, key)

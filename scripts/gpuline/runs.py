@@ -219,3 +219,18 @@ class Ledger(Protocol):
 
 def ttl_expiry(start: datetime, seconds: float) -> datetime:
     return start + timedelta(seconds=seconds)
+
+
+# Machines need time to boot and register before the training clock starts; a lease (and so the
+# quota held for it) lives this much longer than the run's max_duration.
+LEASE_SLACK_S = 15 * 60
+
+
+def lease_ttl_s(max_duration_s: int) -> int:
+    """How long a lease may live: the run's max_duration plus the boot and registration slack."""
+    return max_duration_s + LEASE_SLACK_S
+
+
+def model_prefix(run_id: str) -> str:
+    """Where a run's trained model lives in the run's storage."""
+    return f"runs/{run_id}/model"

@@ -212,7 +212,9 @@ class Lane(_Model):
 
 
 class Approval(_Model):
-    label: str | None = Field(default=None, description="A PR label that turns a deny into an allow.")
+    label: str | None = Field(
+        default=None, description="A PR label that turns a deny into a warning (an approved exception)."
+    )
     environment: str | None = Field(default=None, description="An environment whose reviewers approve.")
 
 

@@ -1,7 +1,8 @@
 """The entrypoint contract, read from the environment the gpuline supervisor sets.
 
 Run outside the supervisor (``python train.py`` on a laptop) every path falls back to a folder in the
-working directory, so the same script works both ways.
+working directory, so the same script works both ways. The names and their parsing live in
+:mod:`gpuline.contract` (the standard library only), shared with the supervisor that writes them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gpuline.contract import TrainerContract
 
 
 @dataclass(frozen=True)
@@ -33,36 +36,21 @@ class Contract:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, local_dir: Path = Path(".gpuline-local")
     ) -> Contract:
-        env = os.environ if environ is None else environ
-
-        def path(name: str, default: Path) -> Path:
-            value = env.get(name)
-            return Path(value) if value else default
-
-        raw = env.get("GPULINE_HPARAMS") or "{}"
-        try:
-            hparams = json.loads(raw)
-        except ValueError as exc:
-            raise ValueError(f"GPULINE_HPARAMS is not JSON: {exc}") from exc
-        if not isinstance(hparams, dict):
-            raise ValueError("GPULINE_HPARAMS must be a JSON object")
-        resume = env.get("GPULINE_RESUME_FROM")
-        dataset = env.get("GPULINE_DATASET_PATH")
-        duration = env.get("GPULINE_MAX_DURATION_S")
-        stopped = env.get("GPULINE_STOPPED_PATH")
+        """Raises ``ValueError`` naming the variable when a value cannot be parsed."""
+        read = TrainerContract.from_env(os.environ if environ is None else environ, local_dir=local_dir)
         return cls(
-            run_id=env.get("GPULINE_RUN_ID") or "local",
-            checkpoint_dir=path("GPULINE_CHECKPOINT_DIR", local_dir / "checkpoints"),
-            resume_from=Path(resume) if resume else None,
-            checkpoint_interval=max(int(env.get("GPULINE_CHECKPOINT_INTERVAL") or 100), 1),
-            metrics_path=path("GPULINE_METRICS_PATH", local_dir / "metrics.jsonl"),
-            eval_path=path("GPULINE_EVAL_PATH", local_dir / "eval.json"),
-            output_dir=path("GPULINE_OUTPUT_DIR", local_dir / "output"),
-            dataset_path=Path(dataset) if dataset else None,
-            hparams=hparams,
-            smoke=env.get("GPULINE_SMOKE") == "1",
-            max_duration_s=float(duration) if duration else None,
-            stopped_path=Path(stopped) if stopped else None,
+            run_id=read.run_id,
+            checkpoint_dir=read.checkpoint_dir,
+            resume_from=read.resume_from,
+            checkpoint_interval=read.checkpoint_interval,
+            metrics_path=read.metrics_path,
+            eval_path=read.eval_path,
+            output_dir=read.output_dir,
+            dataset_path=read.dataset_path,
+            hparams=read.hparams,
+            smoke=read.smoke,
+            max_duration_s=read.max_duration_s,
+            stopped_path=read.stopped_path,
         )
 
     def hparam(self, name: str, default: Any) -> Any:

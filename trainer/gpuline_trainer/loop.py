@@ -160,7 +160,7 @@ def run_loop(
 def run_smoke(
     contract: Contract, train_step: Callable[[int], float], *, steps: int = 20, log: Callable[[str], None] = print
 ) -> list[float]:
-    """GPULINE_SMOKE=1: ``train_step`` should train on one fixed batch; losses go to the metrics file."""
+    """Smoke mode (GPULINE_SMOKE=1): ``train_step`` should train on one fixed batch; losses go to the metrics file."""
     metrics = MetricsWriter(contract.metrics_path)
     losses = []
     for step in range(1, steps + 1):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gpuline import gha
 from gpuline.errors import GpulineError, InputError
+from gpuline.inputs import Inputs, github_token
 
 # GitHub rejects comment bodies longer than this.
 MAX_BODY_CHARS = 65536
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-file", action="append", default=[], metavar="PATH", help="markdown of the section")
     p.add_argument(
         "--key",
-        default=os.environ.get("GPULINE_COMMENT_KEY") or None,
+        default=Inputs.from_env().comment_key,
         help="which sticky comment (default: the workflow name and the config path)",
     )
     p.add_argument("--pr", type=int, default=None, help="PR number (default: from the event)")
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_key() -> str:
     workflow = os.environ.get("GITHUB_WORKFLOW") or "gpuline"
-    config = os.environ.get("GPULINE_CONFIG") or "gpuline.yml"
+    config = Inputs.from_env().config or "gpuline.yml"
     return f"{workflow}:{config}"
 
 
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
             pr = github.PullRequestRef(args.repo, pr.number)
     if pr is None or not pr.repo:
         return _skip("this run is not about a pull request")
-    token = github.token_from_env()
+    token = github_token()
     if not token:
         return _skip("no GitHub token was given (set GITHUB_TOKEN on the step)")
     try:

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+from gpuline import inputs
 from gpuline.errors import InfraError, InputError, NotFoundError
 
 _GIT_TIMEOUT_S = 30
@@ -106,7 +107,7 @@ def _read_remote(ref: str, target: Path, top: Path | None, env: Mapping[str, str
 
     env = os.environ if env is None else env
     repo = env.get("GITHUB_REPOSITORY", "")
-    token = github.token_from_env(env)
+    token = inputs.github_token(env)
     if not repo or not token:
         raise InputError(
             f"git ref {ref!r} is not in this clone and GitHub cannot be asked (no token or GITHUB_REPOSITORY)",
@@ -117,8 +118,8 @@ def _read_remote(ref: str, target: Path, top: Path | None, env: Mapping[str, str
     gh = github.client(token)
     try:
         content = gh.get_repo(repo).get_contents(rel, ref=ref)
-    except github._github_errors() as exc:
-        if github._status_of(exc) == 404:
+    except github.github_errors() as exc:
+        if github.status_of(exc) == 404:
             raise FileNotAtRef(
                 f"{rel} does not exist at {ref} in {repo}",
                 hint=f"merge {rel} into {ref} first; changes to it take effect only once they are on {ref}",

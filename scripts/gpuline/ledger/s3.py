@@ -13,10 +13,8 @@
 
 Every read-modify-write sends the ETag it read as ``If-Match``; S3 answers 412 (or 409 when two
 writes race) if the object changed since, and the write is retried on a fresh read. A reservation
-is checked against the team's cap in the team object, then against the org's cap in the org object;
-if the org says no, the team hold is taken back. In between the team's total is briefly
-overstated, never understated, so no cap can be passed; a crash in between leaves a hold that
-expires with its TTL (``gpuline reap`` releases it).
+is checked against the team's cap, then the org's (:mod:`gpuline.ledger.s3_quota`); the reads and
+conditional writes are in :mod:`gpuline.ledger.s3_objects`.
 
 The endpoint comes from ``AWS_ENDPOINT_URL`` as boto3 reads it. The bucket is created on first use
 when missing. IAM actions: ``s3:GetObject``, ``s3:PutObject``, ``s3:DeleteObject`` on
@@ -27,38 +25,31 @@ first use only.
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
+from gpuline.adaptors import aws
 from gpuline.errors import InfraError, InputError, NotFoundError
 from gpuline.ledger.contention import Retry as _Retry
 from gpuline.ledger.contention import retrying
-from gpuline.runs import Cap, Event, LeaseRecord, Reservation, RunRecord, Usage, utcnow
+from gpuline.ledger.s3_objects import Doc, Unchanged, ensure_bucket
+from gpuline.ledger.s3_quota import S3Quota
+from gpuline.runs import Event, LeaseRecord, RunRecord, utcnow
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3.client import S3Client
+T = TypeVar("T")
+
+__all__ = ["S3Ledger", "open_s3"]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_RACE_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 _RETRY_DEADLINE_S = 120.0
-_EPSILON = 1e-9
 _READ_WORKERS = 16
-
-Doc = dict[str, Any]
-
-
-class _Unchanged(Exception):
-    """The change function decided not to write; carries the value to return."""
-
-    def __init__(self, value: Any) -> None:
-        super().__init__()
-        self.value = value
+_MAX_ATTEMPTS = 8
+_TIMEOUTS = (10.0, 30.0)  # connect, read (seconds)
 
 
 def open_s3(uri: str, base_dir: Path) -> S3Ledger:
@@ -70,33 +61,17 @@ def open_s3(uri: str, base_dir: Path) -> S3Ledger:
     return S3Ledger(bucket, prefix or "gpuline-ledger", region=regions[0] if regions else None)
 
 
-def _error_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return ""
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code or str(status or "")
-
-
-class S3Ledger:
+class S3Ledger(S3Quota):
     def __init__(self, bucket: str, prefix: str, *, region: str | None = None) -> None:
-        try:
-            import boto3
-            from botocore.config import Config
-            from botocore.exceptions import BotoCoreError
-        except ModuleNotFoundError:
-            raise InputError(
-                "the s3 ledger needs boto3, which is not installed", hint="pip install 'gpuline[aws]'"
-            ) from None
         self.bucket, self.prefix = bucket, prefix.rstrip("/")
-        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or 8)
-        config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10, read_timeout=30)
-        self._s3: S3Client = boto3.session.Session().client("s3", region_name=region, config=config)
-        self._region = region or self._s3.meta.region_name
+        self._s3 = aws.client(
+            "s3", needed_by="the s3 ledger", region=region, max_attempts=_MAX_ATTEMPTS, timeouts=_TIMEOUTS
+        )
         try:
-            self._ensure_bucket()
-        except BotoCoreError as exc:
+            ensure_bucket(self._s3, bucket, region or self._s3.meta.region_name)
+        except Exception as exc:
+            if not aws.is_sdk_error(exc):
+                raise
             raise InfraError(
                 f"cannot reach S3 for the ledger s3://{bucket}/{prefix}: {exc}",
                 hint="check AWS_ENDPOINT_URL, the region, the network and the credentials",
@@ -105,124 +80,8 @@ class S3Ledger:
     def close(self) -> None:
         self._s3.close()
 
-    # ------------------------------------------------------------ plumbing
-
-    def _key(self, *parts: str) -> str:
-        return "/".join([self.prefix, *parts])
-
-    def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(**kwargs)
-        except ClientError as exc:
-            code = _error_code(exc)
-            if code in _RACE_CODES:
-                raise _Retry from None
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise
-            raise InfraError(
-                f"S3 {what} failed on s3://{self.bucket}/{self.prefix}: {code or exc}",
-                hint="check the AWS credentials, region and the IAM actions listed in the README (cost section)",
-            ) from None
-        except BotoCoreError as exc:
-            raise InfraError(
-                f"S3 {what} failed: {exc}", hint="check AWS_ENDPOINT_URL, the network and the credentials"
-            ) from None
-
-    def _retrying(self, what: str, attempt: Callable[[], Any]) -> Any:
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
         return retrying("S3", what, attempt, _RETRY_DEADLINE_S)
-
-    def _ensure_bucket(self) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
-            self._s3.head_bucket(Bucket=self.bucket)
-            return
-        except ClientError as exc:
-            if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
-                raise InfraError(
-                    f"cannot reach bucket {self.bucket}: {_error_code(exc) or exc}",
-                    hint="check the credentials and s3:ListBucket on the bucket",
-                ) from None
-        kwargs: dict[str, Any] = {"Bucket": self.bucket}
-        if self._region and self._region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
-        try:
-            self._s3.create_bucket(**kwargs)
-        except ClientError as exc:
-            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "OperationAborted"):
-                raise InfraError(
-                    f"cannot create bucket {self.bucket}: {_error_code(exc) or exc}",
-                    hint="create the bucket up front or allow s3:CreateBucket",
-                ) from None
-
-    def _read(self, key: str) -> tuple[Doc | None, str | None]:
-        """(the JSON object, its ETag), or (None, None) when the key does not exist."""
-        try:
-            response = self._call("read", self._s3.get_object, Bucket=self.bucket, Key=key)
-        except _Retry:
-            raise
-        except Exception as exc:
-            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
-                return None, None
-            raise
-        body: Doc = json.loads(response["Body"].read())
-        return body, str(response["ETag"])
-
-    def _write(self, key: str, doc: Doc, etag: str | None, *, create: bool = False) -> None:
-        """Write ``doc`` iff the object is still at ``etag`` (or, with ``create``, iff it does not exist)."""
-        condition: dict[str, str] = {}
-        if etag is not None:
-            condition["IfMatch"] = etag
-        elif create:
-            condition["IfNoneMatch"] = "*"
-        try:
-            self._call(
-                "write",
-                self._s3.put_object,
-                Bucket=self.bucket,
-                Key=key,
-                Body=json.dumps(doc, default=str).encode(),
-                ContentType="application/json",
-                **condition,
-            )
-        except _Retry:
-            if condition:
-                raise
-            # A 409 on a plain write is S3 throttling one key, not a lost race we could redo.
-            raise InfraError(
-                f"S3 write of {key} was refused with a conflict", hint="retry the step in a minute"
-            ) from None
-
-    def _update(self, key: str, change: Callable[[Doc | None], Doc], what: str) -> Any:
-        """Read-modify-write ``key`` under its ETag, retrying lost races. ``change`` may raise _Unchanged."""
-
-        def attempt() -> Any:
-            doc, etag = self._read(key)
-            try:
-                new = change(json.loads(json.dumps(doc)) if doc is not None else None)
-            except _Unchanged as stop:
-                return stop.value
-            self._write(key, new, etag, create=etag is None)
-            return None
-
-        return self._retrying(what, attempt)
-
-    def _list(self, prefix: str) -> Iterator[str]:
-        paginator = self._s3.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    yield obj["Key"]
-        except Exception as exc:
-            raise InfraError(
-                f"S3 list of s3://{self.bucket}/{prefix} failed: {_error_code(exc) or exc}",
-                hint="check s3:ListBucket on the bucket",
-            ) from None
-
-    def _marker(self, key: str) -> None:
-        self._call("write marker", self._s3.put_object, Bucket=self.bucket, Key=key, Body=b"")
 
     # ------------------------------------------------------------ runs and events
 
@@ -302,130 +161,6 @@ class S3Ledger:
                 out.append(Event.model_validate(doc))
         return out
 
-    # ------------------------------------------------------------ quota
-
-    def _team_doc(self, team: str, period: str) -> str:
-        return self._key("quota", period, "team", f"{quote(team, safe='')}.json")
-
-    def _org_doc(self, period: str) -> str:
-        return self._key("quota", period, "org.json")
-
-    def _index(self, run_id: str) -> str:
-        return self._key("quota-index", f"{run_id}.json")
-
-    def reserve(self, reservation: Reservation, team_cap: Cap, org_cap: Cap | None = None) -> bool:
-        r = reservation
-        entry = {
-            "team": r.team,
-            "period": r.period,
-            "gpu_hours": r.gpu_hours,
-            "usd": r.usd,
-            "expires_at": r.expires_at.isoformat(),
-            "state": "held",
-        }
-        where, _ = self._read(self._index(r.run_id))
-        if where is not None and (where["team"], where["period"]) != (r.team, r.period):
-            # The run moved to another team or period: its old hold must not count twice.
-            self.release(r.run_id)
-        # Say where the hold lives before taking it, so settle/release/reap can always find it.
-        self._write(self._index(r.run_id), {"team": r.team, "period": r.period}, None)
-        previous: dict[str, Any] = {}
-
-        def take(cap: Cap | None, remember: bool) -> Callable[[Doc | None], Doc]:
-            def change(doc: Doc | None) -> Doc:
-                doc = doc or {"holds": {}}
-                holds: dict[str, Any] = doc["holds"]
-                if remember:
-                    previous["entry"] = holds.get(r.run_id)
-                if cap is not None and not _fits(holds, r, cap):
-                    raise _Unchanged(False)
-                holds[r.run_id] = entry
-                return doc
-
-            return change
-
-        team_key, org_key = self._team_doc(r.team, r.period), self._org_doc(r.period)
-        if self._update(team_key, take(team_cap, True), "reserve") is False:
-            return False
-        if self._update(org_key, take(org_cap, False), "reserve") is False:
-            self._update(team_key, _restore(r.run_id, previous.get("entry")), "reserve (undo)")
-            return False
-        return True
-
-    def _change_both(self, run_id: str, change: Callable[[dict[str, Any]], bool], what: str) -> bool | None:
-        """Apply ``change`` to the run's entry in its team and org objects; None when the run has no hold."""
-        where, _ = self._read(self._index(run_id))
-        if where is None:
-            return None
-        changed = False
-        for key in (self._team_doc(where["team"], where["period"]), self._org_doc(where["period"])):
-
-            def apply(doc: Doc | None) -> Doc:
-                doc = doc or {"holds": {}}
-                entry = doc["holds"].setdefault(
-                    run_id,
-                    {"team": where["team"], "period": where["period"], "gpu_hours": 0.0, "usd": 0.0},
-                )
-                entry.setdefault("expires_at", utcnow().isoformat())
-                entry.setdefault("state", "released")
-                if not change(entry):
-                    raise _Unchanged(False)
-                return doc
-
-            changed = self._update(key, apply, what) is None or changed
-        return changed
-
-    def settle(self, run_id: str, gpu_hours: float, usd: float) -> None:
-        def to_settled(entry: dict[str, Any]) -> bool:
-            entry.update(state="settled", gpu_hours=gpu_hours, usd=usd)
-            return True
-
-        if self._change_both(run_id, to_settled, "settle") is None:
-            raise NotFoundError(f"run {run_id} holds no reservation to settle")
-
-    def release(self, run_id: str) -> bool:
-        def to_released(entry: dict[str, Any]) -> bool:
-            if entry.get("state") != "held":
-                return False
-            entry["state"] = "released"
-            return True
-
-        return bool(self._change_both(run_id, to_released, "release"))
-
-    def usage(self, team: str, period: str) -> Usage:
-        doc, _ = self._read(self._team_doc(team, period))
-        usage = Usage(team=team, period=period)
-        for entry in (doc or {"holds": {}})["holds"].values():
-            if entry["state"] == "held":
-                usage.held_gpu_hours += entry["gpu_hours"]
-                usage.held_usd += entry["usd"]
-            elif entry["state"] == "settled":
-                usage.settled_gpu_hours += entry["gpu_hours"]
-                usage.settled_usd += entry["usd"]
-        return usage
-
-    def reservations(self, *, state: str | None = None) -> list[Reservation]:
-        out = []
-        for key in self._list(self._key("quota", "")):
-            if "/team/" not in key:
-                continue  # the org objects repeat the team objects' entries
-            doc, _ = self._read(key)
-            for run_id, e in (doc or {"holds": {}})["holds"].items():
-                if state and e["state"] != state:
-                    continue
-                out.append(
-                    Reservation(
-                        run_id=run_id,
-                        team=e["team"],
-                        period=e["period"],
-                        gpu_hours=e["gpu_hours"],
-                        usd=e["usd"],
-                        expires_at=datetime.fromisoformat(e["expires_at"]),
-                        state=e["state"],
-                    )
-                )
-        return out
-
     # ------------------------------------------------------------ leases
 
     def _lease_key(self, lease_id: str) -> str:
@@ -451,7 +186,7 @@ class S3Ledger:
             if doc is None:
                 raise NotFoundError(f"no lease {lease_id!r} in the ledger")
             if doc.get("released_at") is not None:
-                raise _Unchanged(False)
+                raise Unchanged(False)
             doc["released_at"] = at.isoformat()
             return doc
 
@@ -477,24 +212,3 @@ class S3Ledger:
             if not active_only or lease.released_at is None:
                 out.append(lease)
         return out
-
-
-def _fits(holds: dict[str, Any], r: Reservation, cap: Cap) -> bool:
-    """Would ``r`` (replacing this run's own earlier entry) keep the held+settled total within ``cap``?"""
-    hours = sum(e["gpu_hours"] for k, e in holds.items() if k != r.run_id and e["state"] != "released")
-    usd = sum(e["usd"] for k, e in holds.items() if k != r.run_id and e["state"] != "released")
-    if cap.gpu_hours is not None and hours + r.gpu_hours > cap.gpu_hours + _EPSILON:
-        return False
-    return not (cap.usd is not None and usd + r.usd > cap.usd + _EPSILON)
-
-
-def _restore(run_id: str, entry: dict[str, Any] | None) -> Callable[[Doc | None], Doc]:
-    def change(doc: Doc | None) -> Doc:
-        doc = doc or {"holds": {}}
-        if entry is None:
-            doc["holds"].pop(run_id, None)
-        else:
-            doc["holds"][run_id] = entry
-        return doc
-
-    return change

@@ -2,6 +2,9 @@
 
 A provider never decides ids, tags or lifetimes: the provision step records those in the ledger
 before calling ``provision``, so a crash right after the call still leaves a findable machine.
+Nor does it write to the log: what it has to say travels back in the result (``Machine.failures``
+and ``Machine.notes``, ``CapacityExhausted.failures``), and the values it wants masked through
+``secrets()``; the steps print and mask.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from gpuline.errors import NotFoundError
 from gpuline.spec import Spec
 
 MachineState = Literal["pending", "running", "stopping", "stopped", "terminated", "unknown"]
@@ -59,6 +63,8 @@ class Machine:
     region: str = ""
     # Attempts that failed before this one succeeded (capacity, quota, throttling), for the run record.
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # What the provider wants said about this launch ("creating Job ..."), for the step to print.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def run_id(self) -> str | None:
@@ -86,3 +92,20 @@ class Provider(Protocol):
     def list_owned(self) -> list[Machine]:
         """Everything this provider holds that carries gpuline tags (running or starting)."""
         ...
+
+    def secrets(self) -> list[str]:
+        """Values this provider reads that must never reach a log (an API token); empty when none.
+
+        Cheap and safe to call before any other method, so the caller can mask them first; a value
+        that is not configured is simply left out (the call that needs it raises).
+        """
+        ...
+
+
+def still_running(provider: Provider, instance_id: str) -> Machine | None:
+    """The machine, unless it is gone or already terminated (then releasing it is a no-op)."""
+    try:
+        machine = provider.describe(instance_id)
+    except NotFoundError:
+        return None
+    return None if machine.state == "terminated" else machine

@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpuline import contract
 from gpuline.errors import ConfigError
 from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, TAG_RUN_ID, LeaseRequest
+from gpuline.training.launch import TORCHRUN, entrypoint_args, torchrun_argv
 
 RDZV_PORT = 29400
 LABEL_PREFIX = "gpuline/"
@@ -212,7 +214,7 @@ def _pytorchjob(
     container["name"] = "pytorch"  # the training operator finds the container by this name
     if options.command is None:
         # The operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR... which torchrun reads as defaults.
-        container["command"] = _torchrun_prefix([]) + _script_args(request, options)
+        container["command"] = [*TORCHRUN, *entrypoint_args(request.spec.entrypoint.command)]
     run_policy: dict[str, Any] = {
         "activeDeadlineSeconds": request.ttl_seconds,
         "ttlSecondsAfterFinished": options.ttl_after_finished_s,
@@ -320,13 +322,13 @@ def _container(request: LeaseRequest, options: KubernetesOptions, name: str, *, 
 
 def _env(request: LeaseRequest, options: KubernetesOptions, name: str, *, distributed: bool) -> dict[str, str]:
     env = {
-        "GPULINE_RUN_ID": request.run_id,
-        "GPULINE_LEASE_ID": request.lease_id,
-        "GPULINE_HPARAMS": json.dumps(request.spec.hyperparameters, sort_keys=True),
+        contract.RUN_ID: request.run_id,
+        contract.LEASE_ID: request.lease_id,
+        contract.HPARAMS: contract.encode_hparams(request.spec.hyperparameters),
         **options.env,
     }
     if distributed:
-        env["GPULINE_RDZV_ENDPOINT"] = rdzv_endpoint(name)
+        env[contract.RDZV_ENDPOINT] = rdzv_endpoint(name)
     return env
 
 
@@ -336,31 +338,16 @@ def rdzv_endpoint(name: str) -> str:
 
 def _train_command(request: LeaseRequest, options: KubernetesOptions, *, distributed: bool) -> list[str]:
     resources = request.spec.resources
-    if not distributed and resources.procs_per_node == 1:
-        return list(request.spec.entrypoint.command)
-    args = [f"--nproc-per-node={resources.procs_per_node}"]
-    if distributed:
-        args += [
-            f"--nnodes={resources.nodes}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rdzv_endpoint(object_name(request.lease_id))}",
-            f"--rdzv-id={request.run_id}",
-        ]
-    else:
-        args.append("--standalone")
-    return _torchrun_prefix(args) + _script_args(request, options)
-
-
-def _torchrun_prefix(args: list[str]) -> list[str]:
-    return ["torchrun", *args]
-
-
-def _script_args(request: LeaseRequest, options: KubernetesOptions) -> list[str]:
-    """torchrun runs a Python script itself; any other program needs ``--no-python``."""
     command = list(request.spec.entrypoint.command)
-    if command and re.fullmatch(r"python(3(\.\d+)?)?", command[0].rsplit("/", 1)[-1]):
-        return command[1:]
-    return ["--no-python", *command]
+    if not distributed and resources.procs_per_node == 1:
+        return command
+    return torchrun_argv(
+        command,
+        run_id=request.run_id,
+        nnodes=resources.nodes if distributed else 1,
+        nprocs_per_node=resources.procs_per_node,
+        rdzv=rdzv_endpoint(object_name(request.lease_id)) if distributed else None,
+    )
 
 
 def _node_selector(request: LeaseRequest, options: KubernetesOptions) -> dict[str, str]:

@@ -8,22 +8,29 @@ honours selectors. The instance id is ``<kind>/<namespace>/<name>``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gpuline import gha
 from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
 from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState
+from gpuline.providers.k8s_errors import as_error, status_of
 from gpuline.providers.k8s_manifests import (
     KubernetesOptions,
     build_manifests,
     describe_command,
     label_key,
-    object_name,
+)
+from gpuline.providers.k8s_objects import (
+    completion_index,
+    is_ours,
+    job_id,
+    launched_at,
+    owner_reference,
+    parse_id,
+    raw_json,
 )
 from gpuline.providers.options import parse_options
 from gpuline.providers.testhooks import pause_at
@@ -40,6 +47,9 @@ class KubernetesProvider:
         self.project_dir = project_dir
         self.options = parse_options(KubernetesOptions, options or {}, "kubernetes")
         self._api: Any = None
+
+    def secrets(self) -> list[str]:
+        return []  # the kubeconfig's credentials stay with the client
 
     @property
     def wants_runner(self) -> bool:
@@ -95,16 +105,16 @@ class KubernetesProvider:
         use_pytorchjob = request.spec.resources.nodes > 1 and self._wants_pytorchjob()
         manifests = build_manifests(request, self.options, created_at=created_at, use_pytorchjob=use_pytorchjob)
         workload, *rest = manifests
-        what = f"{workload['kind']} {workload['metadata']['name']}"
-        gha.info(f"kubernetes: creating {what}: {describe_command(workload)}")
         created = self._create(workload)
-        owner = _owner_reference(created)
+        owner = owner_reference(created)
         for manifest in rest:
             if owner is not None:
                 # Garbage-collected with the workload (ttlSecondsAfterFinished included).
                 manifest["metadata"]["ownerReferences"] = [owner]
             self._create(manifest)
         machine = self._machine(created)
+        what = f"{workload['kind']} {workload['metadata']['name']}"
+        machine.notes.append(f"kubernetes: creating {what}: {describe_command(workload)}")
         machine.runner_label = request.runner.label if request.runner else None
         machine.instance_type = request.instance_type
         machine.lane = request.lane
@@ -121,9 +131,9 @@ class KubernetesProvider:
         try:
             resources = self._custom().get_api_resources(group, version)
         except Exception as exc:
-            if _status(exc) in (404, 403):
+            if status_of(exc) in (404, 403):
                 return False
-            raise _as_error(exc, "looking for the Kubeflow PyTorchJob CRD") from None
+            raise as_error(exc, "looking for the Kubeflow PyTorchJob CRD") from None
         return any(r.name == plural for r in (resources.resources or []))
 
     def _create(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +147,7 @@ class KubernetesProvider:
                 made = self._core().create_namespaced_secret(ns, manifest)
             elif kind == "PyTorchJob":
                 group, version, plural = _KUBEFLOW
-                return _json(
+                return raw_json(
                     self._custom().create_namespaced_custom_object(
                         group, version, ns, plural, manifest, _preload_content=False
                     )
@@ -147,14 +157,14 @@ class KubernetesProvider:
         except GpulineError:
             raise
         except Exception as exc:
-            raise _as_error(exc, f"creating {kind} {manifest['metadata']['name']} in {ns}") from None
+            raise as_error(exc, f"creating {kind} {manifest['metadata']['name']} in {ns}") from None
         as_dict: dict[str, Any] = self.api.sanitize_for_serialization(made)
         return as_dict
 
     # ------------------------------------------------------------ describe, release, list
 
     def describe(self, instance_id: str) -> Machine:
-        kind, ns, name = _parse_id(instance_id)
+        kind, ns, name = parse_id(instance_id)
         obj = self._read(kind, ns, name)
         if obj is None:
             raise NotFoundError(f"kubernetes {kind} {ns}/{name} does not exist")
@@ -167,16 +177,16 @@ class KubernetesProvider:
                 body: dict[str, Any] = self.api.sanitize_for_serialization(obj)
                 return body
             group, version, plural = _KUBEFLOW
-            return _json(
+            return raw_json(
                 self._custom().get_namespaced_custom_object(group, version, ns, plural, name, _preload_content=False)
             )
         except Exception as exc:
-            if _status(exc) == 404:
+            if status_of(exc) == 404:
                 return None
-            raise _as_error(exc, f"reading {kind} {ns}/{name}") from None
+            raise as_error(exc, f"reading {kind} {ns}/{name}") from None
 
     def release(self, instance_id: str) -> bool:
-        kind, ns, name = _parse_id(instance_id)
+        kind, ns, name = parse_id(instance_id)
         obj = self._read(kind, ns, name)
         was_live = obj is not None and self._state(obj) != "terminated"
         if obj is not None:
@@ -203,9 +213,9 @@ class KubernetesProvider:
                 group, version, plural = _KUBEFLOW
                 self._custom().delete_namespaced_custom_object(group, version, ns, plural, name, body=options)
         except Exception as exc:
-            if _status(exc) == 404:
+            if status_of(exc) == 404:
                 return False
-            raise _as_error(exc, f"deleting {kind} {ns}/{name}") from None
+            raise as_error(exc, f"deleting {kind} {ns}/{name}") from None
         return True
 
     def list_owned(self) -> list[Machine]:
@@ -214,25 +224,25 @@ class KubernetesProvider:
             jobs = self._batch().list_namespaced_job(ns, label_selector=_MANAGED)
             objs: list[dict[str, Any]] = [self.api.sanitize_for_serialization(j) for j in jobs.items]
         except Exception as exc:
-            if _status(exc) != 404:
-                raise _as_error(exc, f"listing Jobs in {ns}") from None
+            if status_of(exc) != 404:
+                raise as_error(exc, f"listing Jobs in {ns}") from None
             objs = []
         objs += self._list_pytorchjobs(ns)
-        machines = [self._machine(o) for o in objs if _is_ours(o)]
+        machines = [self._machine(o) for o in objs if is_ours(o)]
         return [m for m in machines if m.state != "terminated"]
 
     def _list_pytorchjobs(self, ns: str) -> list[dict[str, Any]]:
         group, version, plural = _KUBEFLOW
         try:
-            body = _json(
+            body = raw_json(
                 self._custom().list_namespaced_custom_object(
                     group, version, ns, plural, label_selector=_MANAGED, _preload_content=False
                 )
             )
         except Exception as exc:
-            if _status(exc) in (404, 403):
+            if status_of(exc) in (404, 403):
                 return []  # the CRD is not installed (or we may not see it): nothing of ours there
-            raise _as_error(exc, f"listing PyTorchJobs in {ns}") from None
+            raise as_error(exc, f"listing PyTorchJobs in {ns}") from None
         items: list[dict[str, Any]] = body.get("items", [])
         return items
 
@@ -240,7 +250,7 @@ class KubernetesProvider:
 
     def pods(self, instance_id: str) -> list[dict[str, Any]]:
         """The lease's pods, ordered by completion index (pod 0 first)."""
-        kind, ns, name = _parse_id(instance_id)
+        kind, ns, name = parse_id(instance_id)
         obj = self._read(kind, ns, name)
         lease = ((obj or {}).get("metadata", {}).get("labels") or {}).get(label_key(TAG_LEASE_ID))
         if not lease:
@@ -248,12 +258,12 @@ class KubernetesProvider:
         try:
             found = self._core().list_namespaced_pod(ns, label_selector=f"{label_key(TAG_LEASE_ID)}={lease}")
         except Exception as exc:
-            if _status(exc) == 404:
+            if status_of(exc) == 404:
                 return []
-            raise _as_error(exc, f"listing pods of {name}") from None
+            raise as_error(exc, f"listing pods of {name}") from None
         pods = [self.api.sanitize_for_serialization(p) for p in found.items]
         pods = [p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(label_key(TAG_LEASE_ID)) == lease]
-        return sorted(pods, key=_completion_index)
+        return sorted(pods, key=completion_index)
 
     def stream_logs(self, instance_id: str, write: Callable[[str], None], *, follow: bool = True) -> int:
         """Copy the logs of the lease's first pod (the rendezvous host) to ``write``, line by line;
@@ -272,7 +282,7 @@ class KubernetesProvider:
         try:
             response = self._core().read_namespaced_pod_log(pod, ns, follow=follow, _preload_content=False)
         except Exception as exc:
-            raise _as_error(exc, f"reading the log of pod {ns}/{pod}") from None
+            raise as_error(exc, f"reading the log of pod {ns}/{pod}") from None
         pending = b""
         try:
             for chunk in response.stream(4096):
@@ -290,8 +300,8 @@ class KubernetesProvider:
     def _machine(self, obj: dict[str, Any]) -> Machine:
         meta = obj.get("metadata", {})
         labels = meta.get("labels") or {}
-        notes = meta.get("annotations") or {}
-        tags = {f"gpuline:{k.removeprefix('gpuline/')}": v for k, v in notes.items() if k.startswith("gpuline/")}
+        annotations = meta.get("annotations") or {}
+        tags = {f"gpuline:{k.removeprefix('gpuline/')}": v for k, v in annotations.items() if k.startswith("gpuline/")}
         for key in (TAG_LEASE_ID, TAG_MANAGED):
             tags.setdefault(key, labels.get(label_key(key), ""))
         if TAG_EXPIRES_AT not in tags and labels.get(label_key(TAG_EXPIRES_AT), "").isdigit():
@@ -303,7 +313,7 @@ class KubernetesProvider:
             provider=self.name,
             state=self._state(obj),
             tags=tags,
-            launched_at=_launched_at(meta, notes),
+            launched_at=launched_at(meta, annotations),
             region=self.options.namespace,
         )
 
@@ -321,83 +331,4 @@ class KubernetesProvider:
         return "pending"
 
 
-def _json(response: Any) -> dict[str, Any]:
-    # Custom objects are read raw: the client's generic "object" decoding is not reliable across versions.
-    body = json.loads(response.data or b"{}")
-    return body if isinstance(body, dict) else {}
-
-
-def _is_ours(obj: dict[str, Any]) -> bool:
-    labels = obj.get("metadata", {}).get("labels") or {}
-    return bool(labels.get(label_key(TAG_MANAGED)) == "true")
-
-
-def _launched_at(meta: dict[str, Any], notes: dict[str, str]) -> datetime | None:
-    raw = notes.get(label_key("created-at")) or meta.get("creationTimestamp")
-    if not raw:
-        return None
-    try:
-        return datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _completion_index(pod: dict[str, Any]) -> int:
-    notes = pod.get("metadata", {}).get("annotations") or {}
-    raw = notes.get("batch.kubernetes.io/job-completion-index", "0")
-    return int(raw) if str(raw).isdigit() else 0
-
-
-def _owner_reference(obj: dict[str, Any]) -> dict[str, Any] | None:
-    meta = obj.get("metadata", {})
-    if not meta.get("uid"):
-        return None  # an owner reference needs the owner's uid; without it, release() deletes by name
-    return {
-        "apiVersion": obj.get("apiVersion", "batch/v1"),
-        "kind": obj.get("kind", "Job"),
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "blockOwnerDeletion": False,
-    }
-
-
-def _parse_id(instance_id: str) -> tuple[str, str, str]:
-    parts = instance_id.split("/")
-    if len(parts) != 3 or parts[0] not in ("job", "pytorchjob") or not all(parts):
-        raise NotFoundError(
-            f"{instance_id!r} is not a kubernetes instance id",
-            hint="ids look like job/NAMESPACE/NAME (see `gpuline status`)",
-        )
-    return parts[0], parts[1], parts[2]
-
-
-def _status(exc: Exception) -> int | None:
-    status = getattr(exc, "status", None)
-    return status if isinstance(status, int) else None
-
-
-def _as_error(exc: Exception, doing: str) -> GpulineError:
-    if isinstance(exc, GpulineError):
-        return exc  # already ours (a configuration problem found on the way)
-    status = _status(exc)
-    reason = getattr(exc, "reason", None) or type(exc).__name__
-    if status in (401, 403):
-        return InfraError(
-            f"{doing}: the cluster refused ({status} {reason})",
-            hint="the service account needs the RBAC rules in the README's providers section",
-        )
-    if status == 404:
-        return ConfigError(f"{doing}: not found ({reason})", hint="check resources.options.namespace exists")
-    if status == 409:
-        return InfraError(f"{doing}: it already exists", hint="a previous attempt created it; run `gpuline reap`")
-    if status == 422:
-        body = getattr(exc, "body", "") or ""
-        return ConfigError(f"{doing}: the cluster rejected the manifest: {str(body)[:300]}", hint="check resources")
-    if status is not None:
-        return InfraError(f"{doing}: the cluster answered {status} {reason}", hint="retry; check the cluster's health")
-    return InfraError(f"{doing}: {reason}: {exc}"[:400], hint="check the cluster is reachable (kubeconfig server)")
-
-
-def job_id(namespace: str, lease_id: str) -> str:
-    """The instance id a lease's Job gets (for tests and tools that know only the lease)."""
-    return f"job/{namespace}/{object_name(lease_id)}"
+__all__ = ["KubernetesProvider", "job_id"]

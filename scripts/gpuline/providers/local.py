@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.errors import NotFoundError
-from gpuline.providers.base import TAG_MANAGED, LeaseRequest, Machine
+from gpuline.providers.base import TAG_MANAGED, LeaseRequest, Machine, still_running
 from gpuline.runs import utcnow
 
 
@@ -22,6 +22,9 @@ class LocalProvider:
 
     def __init__(self, project_dir: Path, options: dict[str, Any] | None = None) -> None:
         self.dir = project_dir / ".gpuline" / "local-leases"
+
+    def secrets(self) -> list[str]:
+        return []
 
     def _path(self, instance_id: str) -> Path:
         return self.dir / f"{instance_id}.json"
@@ -80,11 +83,8 @@ class LocalProvider:
         )
 
     def release(self, instance_id: str) -> bool:
-        try:
-            machine = self.describe(instance_id)
-        except NotFoundError:
-            return False
-        if machine.state == "terminated":
+        machine = still_running(self, instance_id)
+        if machine is None:
             return False
         machine.state = "terminated"
         self._write(machine)

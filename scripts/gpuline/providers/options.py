@@ -29,7 +29,7 @@ def parse_options(model: type[M], options: dict[str, Any], provider: str) -> M:
             message = first["msg"].removeprefix("Value error, ")
             if not isinstance(first.get("input"), dict | list):
                 message += f" (got {first.get('input')!r})"
-            hint = f"see the {provider} options in the README's providers section"
+            hint = f"see the {provider} options in the README's providers page (docs/providers.md)"
         raise ConfigError(f"{field}: {message}", hint=hint) from None
 
 

@@ -1,134 +1,44 @@
 """A generic GPU cloud with an instance API: create, get, delete, list, over JSON and a bearer token.
 
 Many GPU clouds expose the same four calls under different names. A small config (endpoints, the
-auth header, field names, status words) adapts this provider to one; the built-in ``generic``
-profile is ``POST /v1/instances``, ``GET /v1/instances/{id}``, ``DELETE /v1/instances/{id}`` and
-``GET /v1/instances`` with ``{"instances": [...]}``.
+auth header, field names, status words: :mod:`gpuline.providers.rest_options`) adapts this provider
+to one; the built-in ``generic`` profile is ``POST /v1/instances``, ``GET /v1/instances/{id}``,
+``DELETE /v1/instances/{id}`` and ``GET /v1/instances`` with ``{"instances": [...]}``.
 
-The API token is read from the environment variable named in ``token_env``, masked in the log at
-once and never printed. A create is sent with an ``Idempotency-Key`` (the lease id), and if its answer
-is lost the instance list is searched for the lease before trying again, so a retry never buys two.
+The API token is read from the environment variable named in ``token_env`` and never printed;
+``secrets()`` hands it to the caller to mask. A create is sent with an ``Idempotency-Key`` (the lease
+id), and if its answer is lost the instance list is searched for the lease before trying again, so a
+retry never buys two.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from gpuline import gha
 from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
-from gpuline.providers.base import TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState
+from gpuline.providers.base import TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState, still_running
 from gpuline.providers.failover import Backoff, Candidate, Refusal, first_that_launches
 from gpuline.providers.options import parse_options
+from gpuline.providers.rest_http import (
+    HttpError,
+    Transport,
+    get_path,
+    parse_body,
+    parse_when,
+    put_path,
+    str_or_none,
+    urllib_transport,
+)
+from gpuline.providers.rest_options import PROFILES, RestOptions
 from gpuline.providers.testhooks import pause_at
 from gpuline.providers.userdata import render_user_data
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Endpoints(_Strict):
-    create: str = "POST /v1/instances"
-    get: str = "GET /v1/instances/{id}"
-    delete: str = "DELETE /v1/instances/{id}"
-    list: str = "GET /v1/instances"
-
-
-class ResponseFields(_Strict):
-    """Dotted paths into the cloud's JSON answers ("" = the body itself)."""
-
-    item: str = Field(default="", description="Where the instance is in create/get answers.")
-    items: str = Field(default="instances", description="Where the list is in list answers.")
-    id: str = "id"
-    status: str = "status"
-    address: str = "ip"
-    tags: str | None = Field(default="tags", description="null when the cloud keeps no tags (names are used).")
-    name: str = "name"
-    instance_type: str = "instance_type"
-    region: str = "region"
-    created_at: str = "created_at"
-    error_code: str = "error.code"
-    error_message: str = "error.message"
-
-
-class RequestFields(_Strict):
-    """Field names of the create body; null leaves a field out."""
-
-    name: str | None = "name"
-    instance_type: str | None = "instance_type"
-    gpu_type: str | None = None
-    gpu_count: str | None = None
-    image: str | None = "image"
-    region: str | None = "region"
-    tags: str | None = "tags"
-    user_data: str | None = "user_data"
-
-
-class StatusWords(_Strict):
-    pending: list[str] = ["pending", "creating", "provisioning", "booting", "starting", "queued"]
-    running: list[str] = ["running", "active", "ready"]
-    stopping: list[str] = ["stopping", "terminating", "deleting"]
-    stopped: list[str] = ["stopped", "paused"]
-    terminated: list[str] = ["terminated", "deleted", "destroyed", "killed"]
-
-
-class RestOptions(_Strict):
-    """``resources.options`` for the rest provider."""
-
-    profile: Literal["generic"] = "generic"
-    base_url: str = Field(description="Root URL of the cloud's API, e.g. https://api.example-cloud.com.")
-    token_env: str = Field(default="GPULINE_REST_TOKEN", description="Env var holding the API token.")
-    auth_header: str = "Authorization"
-    auth_scheme: str = Field(default="Bearer", description='Prefix before the token; "" sends it bare.')
-    image: str | None = Field(default=None, description="Default: resources.image.")
-    region: str | None = Field(default=None, description="Default: resources.region.")
-    instance_types: list[str] | None = Field(default=None, description="Types to fail over across, in order.")
-    regions: list[str] = Field(default_factory=list, description="Regions to fail over across.")
-    endpoints: Endpoints = Field(default_factory=Endpoints)
-    fields: ResponseFields = Field(default_factory=ResponseFields)
-    request_fields: RequestFields = Field(default_factory=RequestFields)
-    status_words: StatusWords = Field(default_factory=StatusWords)
-    capacity_codes: list[str] = ["insufficient-capacity", "insufficient_capacity", "InsufficientCapacity"]
-    quota_codes: list[str] = ["quota-exceeded", "quota_exceeded", "QuotaExceeded"]
-    extra_body: dict[str, Any] = Field(default_factory=dict)
-    send_user_data: bool = True
-    startup_script: str = ""
-    timeout_s: float = Field(default=30.0, gt=0)
-    retries: int = Field(default=3, ge=0, le=10)
-    backoff_base_s: float = Field(default=1.0, ge=0)
-
-
-PROFILES: dict[str, dict[str, Any]] = {"generic": {}}
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, body: Any, method: str, path: str) -> None:
-        super().__init__(f"{method} {path}: HTTP {status}")
-        self.status, self.body, self.method, self.path = status, body, method, path
-
-
-Transport = Callable[[str, str, dict[str, str], bytes | None, float], tuple[int, bytes]]
-
-
-def _urllib_transport(
-    method: str, url: str, headers: dict[str, str], data: bytes | None, timeout: float
-) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
+__all__ = ["NAME_PREFIX", "HttpError", "RestOptions", "RestProvider", "instance_name"]
 
 
 class RestProvider:
@@ -146,25 +56,32 @@ class RestProvider:
         raw = dict(options or {})
         profile = PROFILES.get(str(raw.get("profile", "generic")), {})
         self.options = parse_options(RestOptions, {**profile, **raw}, "rest")
-        self._transport = transport or _urllib_transport
+        self._transport = transport or urllib_transport
         self._backoff = backoff or Backoff(base_s=self.options.backoff_base_s, retries=self.options.retries)
         self._token: str | None = None
 
     # ------------------------------------------------------------ HTTP
 
-    def _auth(self) -> dict[str, str]:
+    def secrets(self) -> list[str]:
+        """The API token, so the caller can mask it before any call sends it."""
+        token = self._read_token()
+        return [token] if token else []
+
+    def _read_token(self) -> str:
         if self._token is None:
+            self._token = os.environ.get(self.options.token_env, "").strip() or None
+        return self._token or ""
+
+    def _auth(self) -> dict[str, str]:
+        token = self._read_token()
+        if not token:
             name = self.options.token_env
-            token = os.environ.get(name, "").strip()
-            if not token:
-                raise ConfigError(
-                    f"the rest provider reads its API token from ${name}, which is not set",
-                    hint=f"add the token as a secret and pass it as env {name} (or set resources.options.token_env)",
-                )
-            gha.mask(token)
-            self._token = token
+            raise ConfigError(
+                f"the rest provider reads its API token from ${name}, which is not set",
+                hint=f"add the token as a secret and pass it as env {name} (or set resources.options.token_env)",
+            )
         scheme = self.options.auth_scheme.strip()
-        return {self.options.auth_header: f"{scheme} {self._token}" if scheme else self._token}
+        return {self.options.auth_header: f"{scheme} {token}" if scheme else token}
 
     def call(
         self,
@@ -195,7 +112,7 @@ class RestProvider:
                 self._backoff.wait(attempt)
                 attempt += 1
                 continue
-            parsed = _parse(raw)
+            parsed = parse_body(raw)
             if status in (429, 502, 503, 504) and attempt < self.options.retries and not self._capacity_error(parsed):
                 self._backoff.wait(attempt)
                 attempt += 1
@@ -217,15 +134,10 @@ class RestProvider:
         def launch(candidate: Candidate) -> Machine:
             return self._create(request, candidate, image)
 
-        def report(failure: Any) -> None:
-            gha.annotate("warning", f"rest: {failure.one_line()}: {failure.message}", title="gpuline failover")
-
         try:
             # Throttling was already retried with backoff inside call(): fail over at once after that.
             no_more_retries = Backoff(retries=0)
-            launched = first_that_launches(
-                candidates, launch, self._classify, backoff=no_more_retries, on_failure=report
-            )
+            launched = first_that_launches(candidates, launch, self._classify, backoff=no_more_retries)
         except HttpError as exc:
             raise self._as_error(exc, "creating an instance") from None
         machine = launched.value
@@ -255,7 +167,7 @@ class RestProvider:
             values[rf.user_data] = render_user_data(request, startup_script=self.options.startup_script)
         for key, value in values.items():
             if key and value not in (None, ""):
-                _put(body, key, value)
+                put_path(body, key, value)
         try:
             answer = self.call(self.options.endpoints.create, body=body, extra={"Idempotency-Key": request.lease_id})
         except HttpError as exc:
@@ -270,7 +182,7 @@ class RestProvider:
             if found is not None:
                 return found
             raise
-        machine = self._machine(_get(answer, self.options.fields.item))
+        machine = self._machine(get_path(answer, self.options.fields.item))
         machine.instance_type = machine.instance_type or candidate.instance_type
         machine.lane = candidate.lane
         machine.region = machine.region or candidate.zone
@@ -287,14 +199,14 @@ class RestProvider:
         return next((m for m in machines if m.lease_id == lease_id), None)
 
     def _capacity_error(self, body: Any) -> bool:
-        code = str(_get(body, self.options.fields.error_code) or "")
+        code = str(get_path(body, self.options.fields.error_code) or "")
         return code in self.options.capacity_codes or code in self.options.quota_codes
 
     def _classify(self, exc: Exception) -> Refusal | None:
         if not isinstance(exc, HttpError):
             return None
-        code = str(_get(exc.body, self.options.fields.error_code) or "")
-        message = str(_get(exc.body, self.options.fields.error_message) or exc)
+        code = str(get_path(exc.body, self.options.fields.error_code) or "")
+        message = str(get_path(exc.body, self.options.fields.error_message) or exc)
         if code in self.options.capacity_codes:
             return Refusal("capacity", code, message)
         if code in self.options.quota_codes:
@@ -314,14 +226,11 @@ class RestProvider:
             if exc.status == 404:
                 raise NotFoundError(f"rest instance {instance_id} does not exist") from None
             raise self._as_error(exc, f"reading instance {instance_id}") from None
-        return self._machine(_get(answer, self.options.fields.item))
+        return self._machine(get_path(answer, self.options.fields.item))
 
     def release(self, instance_id: str) -> bool:
-        try:
-            machine = self.describe(instance_id)
-        except NotFoundError:
-            return False
-        if machine.state == "terminated":
+        machine = still_running(self, instance_id)
+        if machine is None:
             return False
         pause_at("release")
         try:
@@ -337,7 +246,7 @@ class RestProvider:
             answer = self.call(self.options.endpoints.list)
         except HttpError as exc:
             raise self._as_error(exc, "listing instances") from None
-        items = _get(answer, self.options.fields.items)
+        items = get_path(answer, self.options.fields.items)
         if not isinstance(items, list):
             raise InfraError(
                 f"the instance list has no list at {self.options.fields.items!r}",
@@ -354,24 +263,24 @@ class RestProvider:
                 "the cloud answered without an instance object", hint="check resources.options.fields.item"
             )
         f = self.options.fields
-        ident = _get(item, f.id)
+        ident = get_path(item, f.id)
         if ident in (None, ""):
             raise InfraError(f"the instance has no id at {f.id!r}", hint="set resources.options.fields.id")
-        raw_tags = _get(item, f.tags) if f.tags else None
+        raw_tags = get_path(item, f.tags) if f.tags else None
         tags = {str(k): str(v) for k, v in raw_tags.items()} if isinstance(raw_tags, dict) else {}
-        name = str(_get(item, f.name) or "")
+        name = str(get_path(item, f.name) or "")
         if not tags and name.startswith(NAME_PREFIX):
             # A cloud without tags: the name carries the lease, the ledger knows the rest.
             tags = {TAG_MANAGED: "true", TAG_LEASE_ID: "lease-" + name.removeprefix(NAME_PREFIX)}
         return Machine(
             instance_id=str(ident),
             provider=self.name,
-            state=self._state(str(_get(item, f.status) or "")),
+            state=self._state(str(get_path(item, f.status) or "")),
             tags=tags,
-            launched_at=_when(_get(item, f.created_at)),
-            address=_str_or_none(_get(item, f.address)),
-            instance_type=str(_get(item, f.instance_type) or ""),
-            region=str(_get(item, f.region) or ""),
+            launched_at=parse_when(get_path(item, f.created_at)),
+            address=str_or_none(get_path(item, f.address)),
+            instance_type=str(get_path(item, f.instance_type) or ""),
+            region=str(get_path(item, f.region) or ""),
         )
 
     def _state(self, word: str) -> MachineState:
@@ -390,7 +299,7 @@ class RestProvider:
         return "unknown"
 
     def _as_error(self, exc: HttpError, doing: str) -> GpulineError:
-        message = str(_get(exc.body, self.options.fields.error_message) or "")[:300]
+        message = str(get_path(exc.body, self.options.fields.error_message) or "")[:300]
         text = f"{doing}: HTTP {exc.status}" + (f" ({message})" if message else "")
         if exc.status in (401, 403):
             return InfraError(text, hint=f"check the token in ${self.options.token_env} and its permissions")
@@ -404,44 +313,3 @@ NAME_PREFIX = "gpuline-"
 
 def instance_name(lease_id: str) -> str:
     return NAME_PREFIX + lease_id.removeprefix("lease-")
-
-
-def _parse(raw: bytes) -> Any:
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return {"error": {"message": raw[:200].decode(errors="replace")}}
-
-
-def _get(body: Any, path: str) -> Any:
-    current = body
-    for part in [p for p in path.split(".") if p]:
-        if not isinstance(current, dict):
-            return None
-        current = current.get(part)
-    return current
-
-
-def _put(body: dict[str, Any], path: str, value: Any) -> None:
-    *parents, last = path.split(".")
-    for part in parents:
-        body = body.setdefault(part, {})
-    body[last] = value
-
-
-def _when(value: Any) -> datetime | None:
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, tz=UTC)
-    if isinstance(value, str) and value:
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return str(value) if value not in (None, "") else None

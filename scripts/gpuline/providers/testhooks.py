@@ -13,8 +13,10 @@ import os
 import time
 from pathlib import Path
 
-PAUSE_ENV = "GPULINE_TEST_PAUSE_AT"
-PAUSE_FILE_ENV = "GPULINE_TEST_PAUSE_FILE"
+from gpuline import contract
+
+PAUSE_ENV = contract.TEST_PAUSE_AT
+PAUSE_FILE_ENV = contract.TEST_PAUSE_FILE
 # A forgotten pause must not hang a job forever: give up waiting after this long and carry on.
 MAX_PAUSE_S = 300.0
 

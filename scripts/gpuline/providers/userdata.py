@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from gpuline import contract
 from gpuline.errors import ConfigError
 from gpuline.providers.base import LeaseRequest
 
@@ -30,7 +31,7 @@ _JIT_CHARS = re.compile(r"^[A-Za-z0-9+/=]*$")
 _HEADER = """#!/bin/bash
 # gpuline bootstrap for run {run_id} (lease {lease_id}); expires {expires_iso}.
 set -uo pipefail
-ROOT="${{GPULINE_ROOT:-}}"
+ROOT="${{{root_env}:-}}"
 EXPIRES_EPOCH={expires_epoch}
 mkdir -p "$ROOT/var/log" "$ROOT/run/gpuline"
 exec >>"$ROOT/var/log/gpuline-boot.log" 2>&1
@@ -118,6 +119,7 @@ def render_user_data(
         "expires_iso": expires.isoformat(timespec="seconds"),
         "expires_epoch": int(expires.timestamp()),
         "expires_calendar": expires.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "root_env": contract.ROOT,
     }
     parts = [_HEADER.format(**values), _WATCHDOG.format(**values)]
     if startup_script.strip():

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Literal
 
 from gpuline import gha
+from gpuline.runs import RunRecord
 
 
 def _cell(value: object) -> str:
@@ -69,21 +70,47 @@ def mermaid_gantt(title: str, spans: Sequence[Span], section: str = "run") -> st
     return "\n".join(lines)
 
 
+def mermaid_xychart(
+    title: str,
+    x_labels: Sequence[str],
+    *,
+    bars: Sequence[float] = (),
+    line: Sequence[float] = (),
+    x_label: str | None = None,
+    y_label: str = "",
+    y_top: float | None = None,
+    fmt: str = "{:.4g}",
+) -> str:
+    """The one writer of mermaid xycharts: bars and/or a line over labelled x values.
+
+    ``x_labels`` are written as given (quote text labels with :func:`quoted`); ``fmt`` formats values.
+    """
+    x_name = f'"{_mermaid_text(x_label)}" ' if x_label else ""
+    y_range = f" 0 --> {fmt.format(y_top)}" if y_top is not None else ""
+    lines = [
+        "```mermaid",
+        "xychart-beta",
+        f'    title "{_mermaid_text(title)}"',
+        f"    x-axis {x_name}[{', '.join(x_labels)}]",
+        f'    y-axis "{_mermaid_text(y_label)}"{y_range}',
+    ]
+    if bars:
+        lines.append(f"    bar [{', '.join(fmt.format(v) for v in bars)}]")
+    if line:
+        lines.append(f"    line [{', '.join(fmt.format(v) for v in line)}]")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def quoted(labels: Iterable[str]) -> list[str]:
+    return [f'"{_mermaid_text(label)}"' for label in labels]
+
+
 def mermaid_bar_chart(title: str, bars: Sequence[tuple[str, float]], y_label: str = "USD") -> str:
-    """A mermaid xychart bar chart, e.g. estimated vs actual cost."""
-    labels = ", ".join(f'"{_mermaid_text(label)}"' for label, _ in bars)
-    values = ", ".join(f"{value:.4g}" for _, value in bars)
+    """A bar chart, e.g. estimated vs actual cost; the axis ends a fifth above the tallest bar."""
     top = max([value for _, value in bars] + [0.0]) * 1.2 or 1.0
-    return "\n".join(
-        [
-            "```mermaid",
-            "xychart-beta",
-            f'    title "{_mermaid_text(title)}"',
-            f"    x-axis [{labels}]",
-            f'    y-axis "{_mermaid_text(y_label)}" 0 --> {top:.4g}',
-            f"    bar [{values}]",
-            "```",
-        ]
+    return mermaid_xychart(
+        title, quoted(label for label, _ in bars), bars=[v for _, v in bars], y_label=y_label, y_top=top
     )
 
 
@@ -121,11 +148,27 @@ def key_value_table(rows: Iterable[tuple[str, str]], header: tuple[str, str] = (
 
 
 def mermaid_line_chart(title: str, x_label: str, points: Sequence[tuple[int, float]], y_label: str) -> str:
-    """A mermaid xychart line, e.g. the training loss by step (sampled to about 30 points)."""
+    """A line over numbered x values, e.g. the training loss by step (sampled to about 30 points)."""
     sample = list(points[:: max(1, len(points) // 30)])
-    xs = ", ".join(str(x) for x, _ in sample)
-    ys = ", ".join(f"{y:.4f}" for _, y in sample)
-    return (
-        f'```mermaid\nxychart-beta\n  title "{_mermaid_text(title)}"\n  x-axis "{_mermaid_text(x_label)}" [{xs}]\n'
-        f'  y-axis "{_mermaid_text(y_label)}"\n  line [{ys}]\n```\n'
+    return mermaid_xychart(
+        title, [str(x) for x, _ in sample], line=[y for _, y in sample], x_label=x_label, y_label=y_label, fmt="{:.4f}"
+    )
+
+
+def cost_chart(records: Iterable[RunRecord], last: int) -> str:
+    """The actual cost of the last ``last`` finished runs as bars, their p90 estimate as a line."""
+    done = sorted((r for r in records if r.actual_usd is not None), key=lambda r: r.created_at)[-last:]
+    if len(done) < 2:
+        return ""
+    actual = [r.actual_usd or 0.0 for r in done]
+    estimated = [r.estimated_usd for r in done]
+    top = max([*actual, *(e for e in estimated if e is not None)]) or 1.0
+    return mermaid_xychart(
+        f"Cost per run, last {len(done)} runs (USD, bars actual, line estimate p90)",
+        quoted(f"{r.created_at:%m-%d} {r.run_id[-4:]}" for r in done),
+        bars=actual,
+        line=[e or 0.0 for e in estimated] if all(e is not None for e in estimated) else [],
+        y_label="USD",
+        y_top=top * 1.1,
+        fmt="{:.2f}",
     )

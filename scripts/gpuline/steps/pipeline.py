@@ -2,17 +2,19 @@
 
 pr-fast: preflight + cost-estimate. nightly: everything, promoting to staging. release: everything,
 promoting to production. Teardown runs whatever happened before it, as ``if: always()`` does in CI.
+Each step's outputs and summary are written as it finishes, as separate workflow steps would.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import GpulineError
+from gpuline.render import summary
+from gpuline.results import PipelineResult, StepResult
 from gpuline.steps.cost_estimate import cost_estimate
 from gpuline.steps.eval_gate import eval_gate
 from gpuline.steps.preflight import preflight
@@ -21,7 +23,7 @@ from gpuline.steps.provision import provision
 from gpuline.steps.teardown import teardown
 from gpuline.steps.train import train
 
-Step = Callable[[Context], dict[str, Any]]
+Step = Callable[[Context], StepResult]
 
 
 def plan(tier: str, args: argparse.Namespace) -> list[tuple[str, Step]]:
@@ -41,32 +43,36 @@ def plan(tier: str, args: argparse.Namespace) -> list[tuple[str, Step]]:
     ]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    ctx = Context.from_args(args, default_tier="nightly")
-    results: dict[str, Any] = {"tier": ctx.tier}
-    failure: GpulineError | BaseException | None = None
+def run(ctx: Context, args: argparse.Namespace) -> PipelineResult:
+    done: list[StepResult] = []
+    failure: BaseException | None = None
     try:
         for name, step in plan(ctx.tier, args):
             with gha.group(f"gpuline {name}"):
-                results[name] = step(ctx)
+                done.append(_written(step(ctx), args))
+    except GpulineError as exc:
+        failure = exc
+        if isinstance(exc.result, StepResult):
+            # What the failing step produced (a denied estimate, a failed gate) is shown, then the error.
+            done.append(_written(exc.result, args))
+            exc.result = None
     except BaseException as exc:  # teardown must run on any failure, Ctrl-C included
         failure = exc
     finally:
         if ctx.run_id:
             with gha.group("gpuline teardown"):
-                results["teardown"] = teardown(ctx)
+                done.append(_written(teardown(ctx), args))
     if failure is not None:
         raise failure
-    results["run_id"] = ctx.run_id
-    if "promote" in results:
-        results["version"] = results["promote"]["version"]
-        results["stage"] = results["promote"]["stage"]
+    result = PipelineResult(tier=ctx.tier, run_id=ctx.run_id, steps=done)
+    promoted = result.promoted
     gha.info(
         f"{ctx.tier} finished: run {ctx.run_id}"
-        + (
-            f", {results['promote']['model']} v{results['version']} is {results['stage']}"
-            if "version" in results
-            else ""
-        )
+        + (f", {promoted.model} v{promoted.version} is {promoted.stage}" if promoted else "")
     )
-    return results
+    return result
+
+
+def _written(result: StepResult, args: argparse.Namespace) -> StepResult:
+    summary.write(result, json_mode=args.json)
+    return result

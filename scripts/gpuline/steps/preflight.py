@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import ConfigError, InputError, Location, PolicyDenied
+from gpuline.results import PreflightResult
 from gpuline.runs import RunRecord
 from gpuline.spec import Spec, Tier
-from gpuline.steps.common import outputs, recorded, table
-from gpuline.training import compat, dataset
+from gpuline.stage import recorded
+from gpuline.training import check_entrypoint_imports, compat, dataset, entry_command, smoke_test
 
 SMOKE_TIMEOUT_S = 180
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    return preflight(Context.from_args(args))
+def run(ctx: Context, args: argparse.Namespace) -> PreflightResult:
+    return preflight(ctx)
 
 
-def preflight(ctx: Context) -> dict[str, Any]:
+def preflight(ctx: Context) -> PreflightResult:
     spec = ctx.spec  # schema errors surface here, before a run record exists
     _ = ctx.policy
     record = ctx.ensure_run()
@@ -42,13 +42,7 @@ def preflight(ctx: Context) -> dict[str, Any]:
         with gha.group("preflight: one-batch overfit smoke test (CPU)"):
             smoke_line, step_s = smoke(ctx, spec, record)
             rows.append(("smoke test", smoke_line))
-    for name, line in rows:
-        gha.info(f"ok  {name}: {line}")
-    gha.append_summary(
-        f"### :white_check_mark: gpuline preflight passed ({record.run_id})\n\n" + table(rows, ("check", "result"))
-    )
-    outputs({"run-id": record.run_id, "verdict": "pass"})
-    return {"run_id": record.run_id, "verdict": "pass", "checks": dict(rows), "smoke_step_s": step_s}
+    return PreflightResult(run_id=record.run_id, checks=rows, smoke_step_s=step_s)
 
 
 def check_tier_rules(ctx: Context, spec: Spec) -> str:
@@ -121,28 +115,15 @@ def entrypoint_file(ctx: Context, spec: Spec) -> Path:
 
 
 def check_entrypoint(ctx: Context, spec: Spec) -> str:
-    from gpuline.training.supervisor import check_entrypoint_imports
-
     path = entrypoint_file(ctx, spec)
     check_entrypoint_imports(path, ctx.project_dir / spec.entrypoint.workdir)
     return f"`{path.name}` imports"
 
 
-def entry_command(spec: Spec) -> list[str]:
-    # "python" in the spec means the project's interpreter: GPULINE_PYTHON when gpuline itself lives in
-    # an isolated venv (as the actions install it), else the interpreter gpuline runs under.
-    command = list(spec.entrypoint.command)
-    if command and command[0] in ("python", "python3"):
-        command[0] = os.environ.get("GPULINE_PYTHON") or sys.executable
-    return command
-
-
 def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | None]:
-    from gpuline.training.supervisor import smoke_test
-
     path = dataset.resolve(spec, ctx.project_dir, ctx.config_path, ctx.workdir(record.run_id))
     result = smoke_test(
-        entry_command(spec),
+        entry_command(spec.entrypoint.command, ctx.inputs.python),
         ctx.project_dir / spec.entrypoint.workdir,
         path,
         spec.hyperparameters,

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import RefusedError
-from gpuline.runs import RunRecord
-from gpuline.steps.common import outputs, recorded
-from gpuline.steps.train import model_prefix
+from gpuline.results import PromoteResult
+from gpuline.runs import RunRecord, model_prefix
+from gpuline.stage import recorded
 
 DEFAULT_STAGE = {"pr-fast": "staging", "nightly": "staging", "release": "production"}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    return promote(Context.from_args(args), stage=args.stage)
+def run(ctx: Context, args: argparse.Namespace) -> PromoteResult:
+    return promote(ctx, stage=args.stage)
 
 
-def promote(ctx: Context, stage: str | None = None) -> dict[str, Any]:
+def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
     record = ctx.require_run()
     ctx.use_tier(record.tier)
     spec = ctx.spec
@@ -56,20 +54,10 @@ def promote(ctx: Context, stage: str | None = None) -> dict[str, Any]:
             stage=stage,
             previous=change.previous,
         )
-        previous = f"v{change.previous}" if change.previous is not None else "nothing"
-        gha.info(
-            f"{spec.model.name} v{version.version} is now {stage} (was {previous}); "
-            f"`gpuline rollback --model {spec.model.name} --stage {stage}` undoes this"
-        )
-        gha.append_summary(
-            f"### gpuline promote\n\n**{spec.model.name} v{version.version}** is now **{stage}** "
-            f"(previously {previous}).\n"
-        )
-        outputs({"version": version.version, "stage": stage, "previous-version": change.previous or ""})
-    return {
-        "run_id": record.run_id,
-        "model": spec.model.name,
-        "version": version.version,
-        "stage": stage,
-        "previous_version": change.previous,
-    }
+    return PromoteResult(
+        run_id=record.run_id,
+        model=spec.model.name,
+        version=version.version,
+        stage=stage,
+        previous_version=change.previous,
+    )

@@ -15,10 +15,7 @@ single-use GitHub runners of finished runs are deleted when a token is at hand.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import socket
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,13 +23,17 @@ from typing import Any
 from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import GpulineError, NotFoundError
-from gpuline.providers import PROVIDERS, open_provider
+from gpuline.inputs import runner_scope
+from gpuline.lease.close import close_run, forget_lease
+from gpuline.lease.holder import holder_gone
+from gpuline.lease.machines import open_masked
+from gpuline.providers import PROVIDERS
 from gpuline.providers.base import Machine, Provider
 from gpuline.providers.options import options_for
+from gpuline.render.markdown import key_value_table
+from gpuline.results import DataResult
 from gpuline.runs import LeaseRecord, Ledger, RunRecord, utcnow
 from gpuline.spec import parse_duration
-from gpuline.steps.common import outputs, table
-from gpuline.steps.provision import RUNNER_SCOPE_ENV, boot_id, process_start
 
 # Configurations of providers seen in leases this recent are swept (a machine cannot outlive its TTL).
 LOOKBACK = timedelta(days=7)
@@ -75,8 +76,7 @@ class Plan:
         return action
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    ctx = Context.from_args(args)
+def run(ctx: Context, args: argparse.Namespace) -> DataResult:
     grace = timedelta(seconds=parse_duration(args.grace))
     sweeps = sweep_targets(ctx, args.provider)
     actions = reap(ctx, sweeps, grace, dry_run=args.dry_run)
@@ -88,19 +88,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     changed = [a for a in actions if a.kind not in ("keep", "error")]
     rows = [(f"{a.kind} `{a.target}`", ("planned: " if args.dry_run else "") + a.reason) for a in actions]
     title = "### gpuline reap" + (" (dry run)" if args.dry_run else "")
-    gha.append_summary(title + "\n\n" + (table(rows, ("action", "why")) if rows else "Nothing to reap."))
-    outputs(
-        {
+    body = {"dry_run": args.dry_run, "swept": [s.provider for s in sweeps], "actions": [asdict(a) for a in actions]}
+    return DataResult(
+        "reap",
+        body,
+        markdown=title + "\n\n" + (key_value_table(rows, ("action", "why")) if rows else "Nothing to reap."),
+        output_values={
             "terminated": sum(1 for a in actions if a.kind == "terminate" and a.done),
             "planned": len(changed),
             "errors": sum(1 for a in actions if a.kind == "error"),
-        }
+        },
     )
-    return {
-        "dry_run": args.dry_run,
-        "swept": [s.provider for s in sweeps],
-        "actions": [asdict(a) for a in actions],
-    }
 
 
 # ---------------------------------------------------------------- what to sweep
@@ -181,7 +179,7 @@ def reap(
 
 def _open(ctx: Context, sweep: Sweep, plan: Plan) -> Provider | None:
     try:
-        return open_provider(sweep.provider, ctx.project_dir, sweep.options)
+        return open_masked(sweep.provider, ctx.project_dir, sweep.options)
     except GpulineError as exc:
         plan.add(Action("error", sweep.provider, f"cannot open the provider: {exc.one_line()}", sweep.provider))
         return None
@@ -220,9 +218,9 @@ def _reap_machine(
     lease = plan.leases.get(machine.lease_id or "")
     if lease is not None and lease.released_at is None:
         # The machine is gone; its run ends here too (lease, cost, quota), as teardown would have.
-        close_run(ctx, lease, now, action.reason)
+        close_run(ctx.ledger, ctx.project_dir, lease, now, action.reason)
     else:
-        _close_lease(ctx.ledger, machine, now)
+        forget_lease(ctx.ledger, machine.lease_id, now)
 
 
 def judge(
@@ -286,24 +284,7 @@ def _close_abandoned(ctx: Context, plan: Plan, swept: set[str], now: datetime, d
         reason = f"its holder is gone: {gone}" if gone else f"past its TTL ({lease.expires_at.isoformat()})"
         action = plan.add(Action("close-run", lease.run_id, reason, lease.provider, lease.run_id))
         if not dry_run:
-            action.done = close_run(ctx, lease, now, reason)
-
-
-def close_run(ctx: Context, lease: LeaseRecord, now: datetime, reason: str) -> bool:
-    """Finish what teardown would have: release the lease, close the run at its cost, settle its quota."""
-    from gpuline.steps.teardown import close_record, settle_quota
-
-    released = ctx.ledger.release_lease(lease.lease_id, now)
-    record = _get_run(ctx.ledger, lease.run_id)
-    if record is None:
-        return released
-    sub = Context(config_path=ctx.config_path, tier=record.tier, run_id=record.run_id)
-    sub.__dict__["ledger"] = ctx.ledger  # share the open ledger (a cached property)
-    if record.times.released is None:
-        record = close_record(sub, record, now)
-    quota = settle_quota(sub, record)
-    ctx.ledger.append_event(record.run_id, "reaped", {"reason": reason, "lease_id": lease.lease_id, "quota": quota})
-    return True
+            action.done = close_run(ctx.ledger, ctx.project_dir, lease, now, reason)
 
 
 def _release_reservations(ctx: Context, plan: Plan, now: datetime, dry_run: bool) -> None:
@@ -321,57 +302,6 @@ def _release_reservations(ctx: Context, plan: Plan, now: datetime, dry_run: bool
                 action.done = ctx.ledger.release(reservation.run_id)
 
 
-# ---------------------------------------------------------------- the holder of a lease
-
-
-def holder_gone(ledger: Ledger, run_id: str) -> str | None:
-    """Why the process or workflow run that holds ``run_id``'s lease is certainly gone; None when it
-    is alive or cannot be told (then only the TTL ends the lease)."""
-    holder: dict[str, Any] = {}
-    with contextlib.suppress(GpulineError):
-        for event in ledger.events(run_id):
-            if event.kind == "lease.recorded":
-                holder = dict(event.data.get("holder") or {})
-    process = holder.get("process")
-    if isinstance(process, dict) and process.get("host") == socket.gethostname():
-        if process.get("boot_id") and process.get("boot_id") != boot_id():
-            return f"its orchestrator ran on {process['host']} before a reboot"
-        pid = int(process.get("pid", 0))
-        if pid and not _alive(pid, str(process.get("started", ""))):
-            return f"its orchestrator (pid {pid} on {process['host']}) exited without teardown"
-        return None
-    workflow = holder.get("workflow")
-    if isinstance(workflow, dict):
-        return _workflow_finished(workflow)
-    return None
-
-
-def _alive(pid: int, started: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    # Same pid, different start time: the pid was reused by an unrelated process.
-    return not (started and process_start(pid) not in ("", started))
-
-
-def _workflow_finished(workflow: dict[str, Any]) -> str | None:
-    from gpuline import github
-
-    if not github.token_from_env():
-        return None
-    path = f"/repos/{workflow['repo']}/actions/runs/{int(workflow['run_id'])}"
-    try:
-        _, found = github.client().requester.requestJsonAndCheck("GET", path)
-    except Exception:  # unknown is not gone: leave it to the TTL
-        return None
-    if isinstance(found, dict) and found.get("status") == "completed":
-        return f"its workflow run {workflow['run_id']} is completed ({found.get('conclusion')})"
-    return None
-
-
 # ---------------------------------------------------------------- GitHub runners
 
 
@@ -379,7 +309,7 @@ def _delete_stale_runners(ctx: Context, plan: Plan, dry_run: bool) -> None:
     """Single-use runners of finished runs that never picked up their job (GitHub would keep them)."""
     from gpuline import github
 
-    scope = os.environ.get(RUNNER_SCOPE_ENV) or os.environ.get("GITHUB_REPOSITORY")
+    scope = runner_scope(ctx.inputs)
     if not scope or not github.token_from_env():
         return
     try:
@@ -412,10 +342,3 @@ def _get_run(ledger: Ledger, run_id: str) -> RunRecord | None:
         return ledger.get_run(run_id)
     except NotFoundError:
         return None
-
-
-def _close_lease(ledger: Ledger, machine: Machine, now: datetime) -> None:
-    if machine.lease_id:
-        # A lease the ledger never saw (another ledger's machine past its TTL): the machine is gone, enough.
-        with contextlib.suppress(GpulineError):
-            ledger.release_lease(machine.lease_id, now)

@@ -14,10 +14,13 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
-from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import InputError
+from gpuline.render.markdown import cost_chart
+from gpuline.results import DataResult
 from gpuline.runs import RunRecord, period_key, utcnow
+
+__all__ = ["WeekRow", "cost_chart", "render", "run", "weekly", "weeks_back"]
 
 DEFAULT_WEEKS = 4
 DEFAULT_LIMIT = 5000
@@ -72,18 +75,15 @@ class WeekRow:
         return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(ctx: Context, args: argparse.Namespace) -> DataResult:
     weeks = getattr(args, "weeks", DEFAULT_WEEKS)
     if weeks < 1:
         raise InputError(f"--weeks {weeks} must be at least 1", hint="pass --weeks 4 for the last four weeks")
-    ctx = Context.from_args(args)
     records = ctx.ledger.list_runs(team=getattr(args, "team", None) or None, limit=DEFAULT_LIMIT)
     rows = weekly(records, weeks_back(weeks))
     markdown = render(rows, records)
-    if not args.json:
-        gha.info(markdown)
-    gha.append_summary(markdown)
-    return {"weeks": [row.to_json() for row in rows], "runs_read": len(records)}
+    body = {"weeks": [row.to_json() for row in rows], "runs_read": len(records)}
+    return DataResult("report", body, markdown=markdown, text=markdown)
 
 
 def weeks_back(count: int) -> list[str]:
@@ -121,26 +121,3 @@ def render(rows: Sequence[WeekRow], records: Sequence[RunRecord]) -> str:
         )
     chart = cost_chart(records, 30)
     return "\n".join(lines) + ("\n\n" + chart if chart else "")
-
-
-def cost_chart(records: Iterable[RunRecord], last: int) -> str:
-    """A mermaid xychart of the actual cost of the last ``last`` finished runs (bars), estimate as a line."""
-    done = sorted((r for r in records if r.actual_usd is not None), key=lambda r: r.created_at)[-last:]
-    if len(done) < 2:
-        return ""
-    labels = ", ".join(f'"{r.created_at:%m-%d} {r.run_id[-4:]}"' for r in done)
-    actual = [r.actual_usd or 0.0 for r in done]
-    estimated = [r.estimated_usd for r in done]
-    top = max([*actual, *(e for e in estimated if e is not None)]) or 1.0
-    lines = [
-        "```mermaid",
-        "xychart-beta",
-        f'  title "Cost per run, last {len(done)} runs (USD; bars actual, line estimate p90)"',
-        f"  x-axis [{labels}]",
-        f'  y-axis "USD" 0 --> {top * 1.1:.2f}',
-        f"  bar [{', '.join(f'{v:.2f}' for v in actual)}]",
-    ]
-    if all(e is not None for e in estimated):
-        lines.append(f"  line [{', '.join(f'{e or 0.0:.2f}' for e in estimated)}]")
-    lines.append("```")
-    return "\n".join(lines) + "\n"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
+from gpuline.context import Context
+from gpuline.results import DataResult
 from gpuline.spec import json_schema
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(ctx: Context, args: argparse.Namespace) -> DataResult:
     schema = json_schema(policy=args.for_policy)
-    if not args.json:
-        print(json.dumps(schema, indent=2))
-    return {"schema": schema}
+    return DataResult("schema", {"schema": schema}, text=json.dumps(schema, indent=2))

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpuline import contract
+
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"
 SPOT_ACTION_PATH = "/latest/meta-data/spot/instance-action"
@@ -54,7 +56,7 @@ def on_ec2(sys_root: Path = Path("/sys")) -> bool:
 def endpoint_from_env(environ: dict[str, str] | None = None, sys_root: Path = Path("/sys")) -> str | None:
     """The IMDS endpoint to watch, or None: ``GPULINE_IMDS_ENDPOINT`` (``off`` disables), else EC2's."""
     env = os.environ if environ is None else environ
-    configured = env.get("GPULINE_IMDS_ENDPOINT", "").strip()
+    configured = env.get(contract.IMDS_ENDPOINT, "").strip()
     if configured.lower() in {"off", "none", "false", "0"}:
         return None
     if configured:

@@ -1,12 +1,10 @@
-"""What every step does around its work: events in the run record, and where a failure stopped it."""
+"""A step's place in the run record: started/finished/failed events, and where a failure stopped it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import GpulineError, RefusedError
 from gpuline.runs import RunRecord, RunStatus
@@ -50,15 +48,3 @@ def mark_failed(ctx: Context, step: str, exc: BaseException) -> None:
         r.error = message
 
     ctx.ledger.update_run(ctx.run_id or "", fail)
-
-
-def outputs(values: dict[str, Any]) -> None:
-    """Step outputs for the calling workflow (kebab-case names)."""
-    for key, value in values.items():
-        gha.set_output(key, "" if value is None else str(value))
-
-
-def table(rows: list[tuple[str, str]], header: tuple[str, str] = ("", "")) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Ending a lease: release the machine, stamp the run's release time, GPU-seconds and real cost, and
+settle its quota. Used by teardown and, for leases whose holder is gone, by the reaper. Every part
+checks whether it already happened, so running it twice changes nothing the second time."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import datetime
+from pathlib import Path
+
+from gpuline.decisions import quota
+from gpuline.decisions.cost import actual_cost, device_count
+from gpuline.decisions.pricing import load_catalog
+from gpuline.errors import GpulineError, NotFoundError
+from gpuline.lease.machines import open_masked
+from gpuline.providers.options import options_for
+from gpuline.runs import LeaseRecord, Ledger, RunRecord
+
+# The step that ends each tier: a run that reached it succeeded.
+FINAL_STEP = {"pr-fast": "cost-estimate", "nightly": "promote", "release": "promote"}
+
+
+def release_machine(project_dir: Path, record: RunRecord) -> bool:
+    """Release the run's machine; True when one was running."""
+    if not record.lease_id:
+        return False
+    # From the run record, not gpuline.yml: teardown must work even if the file changed or broke since.
+    options = record.resolved_config.get("resources", {}).get("options", {})
+    name = record.provider or "local"
+    provider = open_masked(name, project_dir, options_for(name, options, record.region or None))
+    if record.instance_id:
+        return provider.release(record.instance_id)
+    # The process died between recording the lease and learning the instance id: find it by its tag.
+    released = False
+    for machine in provider.list_owned():
+        if machine.lease_id == record.lease_id:
+            released = provider.release(machine.instance_id) or released
+    return released
+
+
+def close_record(ledger: Ledger, project_dir: Path, record: RunRecord, now: datetime) -> RunRecord:
+    """Stamp the release time, GPU-seconds, idle time, actual cost and final status (once)."""
+    catalog = load_catalog(project_dir)
+    provider_prices = catalog.providers.get(record.provider)
+    instance = provider_prices.instances.get(record.instance_type) if provider_prices else None
+    nodes = int(record.resolved_config.get("resources", {}).get("nodes", 1))
+    devices = device_count(instance, nodes) if instance else max(record.gpu_count, 1) * nodes
+    start = record.times.provisioned
+    held = (now - start).total_seconds() if start else 0.0
+    idle = held
+    if start and record.times.first_step and record.times.last_step:
+        idle = max(0.0, (record.times.first_step - start).total_seconds()) + max(
+            0.0, (now - record.times.last_step).total_seconds()
+        )
+    usd = actual_cost(catalog, record.provider, record.instance_type, record.lane, nodes, held) if start else 0.0
+    reached_end = record.stage == FINAL_STEP.get(record.tier)
+
+    def close(r: RunRecord) -> None:
+        r.times.released = now
+        r.gpu_seconds = round(held * devices, 3)
+        r.idle_seconds = round(idle * devices, 3)
+        r.actual_usd = usd
+        if r.status in ("created", "running"):
+            if reached_end:
+                r.status = "succeeded"
+            else:
+                r.status = "failed"
+                r.error = r.error or f"stopped after {r.stage}: the job was cancelled or crashed"
+
+    return ledger.update_run(record.run_id, close)
+
+
+def close_run(ledger: Ledger, project_dir: Path, lease: LeaseRecord, now: datetime, reason: str) -> bool:
+    """Finish what teardown would have: release the lease, close the run at its cost, settle its quota."""
+    released = ledger.release_lease(lease.lease_id, now)
+    try:
+        record = ledger.get_run(lease.run_id)
+    except NotFoundError:
+        return released
+    if record.times.released is None:
+        record = close_record(ledger, project_dir, record, now)
+    settled = quota.settle(ledger, record)
+    ledger.append_event(record.run_id, "reaped", {"reason": reason, "lease_id": lease.lease_id, "quota": settled})
+    return True
+
+
+def forget_lease(ledger: Ledger, lease_id: str | None, now: datetime) -> None:
+    """The machine is gone: close its lease if this ledger has it (another ledger's machine past its
+    TTL is enough gone as it is)."""
+    if lease_id:
+        with contextlib.suppress(GpulineError):
+            ledger.release_lease(lease_id, now)

@@ -1,0 +1,181 @@
+"""The cost estimate as people read it: the sticky PR comment, the job summary and the log lines."""
+
+from __future__ import annotations
+
+from gpuline.decisions.cost import CostEstimate, billing_text
+from gpuline.decisions.policy import Decision, approval_how
+from gpuline.decisions.queue import QueueEstimate
+from gpuline.render.markdown import key_value_table as table
+from gpuline.runs import RunRecord
+from gpuline.spec import Policy
+
+COMMENT_MARKER = "<!-- gpuline:cost-estimate -->"
+
+
+# ---------------------------------------------------------------- the PR comment
+
+
+def _delta(head: float, base: float | None) -> str:
+    if base is None:
+        return "new"
+    if base == 0:
+        return "±0%" if head == 0 else "new cost"
+    change = (head - base) / base * 100
+    return "±0%" if abs(change) < 0.5 else f"{change:+.0f}%"
+
+
+def money(value: float) -> str:
+    return f"-${-value:,.2f}" if value < 0 else f"${value:,.2f}"
+
+
+def _rate(value: float) -> str:
+    """Hourly prices keep their precision ($0.526, $21.9576) but show at least cents ($4.20)."""
+    text = f"{value:,.4f}".rstrip("0")
+    return "$" + (text + "0" if len(text.split(".")[1]) < 2 else text)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:,.1f} min"
+
+
+def _minutes_range(low: float, high: float) -> str:
+    if high < 60:
+        return _range(f"{low:,.1f}", f"{high:,.1f}") + " s"
+    return _range(f"{low / 60:,.1f}", f"{high / 60:,.1f}") + " min"
+
+
+def _range(low: str, high: str) -> str:
+    return low if low == high else f"{low}–{high}"
+
+
+Metric = tuple[str, str, str | None, float, float | None]
+
+
+def render_comment(
+    est: CostEstimate,
+    decision: Decision,
+    base: CostEstimate | None,
+    *,
+    policy: Policy,
+    run_id: str,
+    tier: str,
+    queue: QueueEstimate | None = None,
+) -> str:
+    """The sticky PR comment (also the job summary): the estimate, against the base branch's when given."""
+    icon = {"allow": ":white_check_mark:", "warn": ":warning:", "deny": ":no_entry:"}[decision.decision]
+    metrics = _metrics(est, base)
+    lines = [COMMENT_MARKER, f"### {icon} gpuline cost estimate: {decision.decision}", ""]
+    if base is not None:
+        lines += ["| | base | this PR | change |", "|---|---|---|---|"]
+        lines += [f"| {name} | {b} | {h} | {_delta(hv, bv)} |" for name, h, b, hv, bv in metrics]
+    else:
+        lines.append(table([(name, h) for name, h, _, _, _ in metrics], ("", "")))
+    lines += ["", table(_details(est, decision, base, queue), ("", "")), ""]
+    lines += _why(decision, policy)
+    lines.append(
+        f"<sub>run {run_id} · estimated for the {tier} tier · pricing catalog {est.catalog_version}"
+        + "".join(f" · {note}" for note in est.notes)
+        + "</sub>"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _metrics(est: CostEstimate, base: CostEstimate | None) -> list[Metric]:
+    d = est.duration
+    bound = " (upper bound)" if d.upper_bound else ""
+    return [
+        (
+            "training time p50–p90" + bound,
+            _minutes_range(d.p50_s, d.p90_s),
+            _minutes_range(base.duration.p50_s, base.duration.p90_s) if base else None,
+            d.p50_s,
+            base.duration.p50_s if base else None,
+        ),
+        (
+            "GPU-hours p50–p90",
+            _range(f"{est.gpu_hours_p50:.3f}", f"{est.gpu_hours_p90:.3f}"),
+            _range(f"{base.gpu_hours_p50:.3f}", f"{base.gpu_hours_p90:.3f}") if base else None,
+            est.gpu_hours_p50,
+            base.gpu_hours_p50 if base else None,
+        ),
+        (
+            "cost p50–p90",
+            _range(money(est.usd_p50), money(est.usd_p90)),
+            _range(money(base.usd_p50), money(base.usd_p90)) if base else None,
+            est.usd_p50,
+            base.usd_p50 if base else None,
+        ),
+        (
+            "at most (max_duration)",
+            f"{money(est.usd_cap)}, {est.gpu_hours_cap:.3f} GPU-hours",
+            f"{money(base.usd_cap)}, {base.gpu_hours_cap:.3f} GPU-hours" if base else None,
+            est.usd_cap,
+            base.usd_cap if base else None,
+        ),
+    ]
+
+
+def _details(
+    est: CostEstimate, decision: Decision, base: CostEstimate | None, queue: QueueEstimate | None
+) -> list[tuple[str, str]]:
+    d = est.duration
+    info: list[tuple[str, str]] = [
+        ("instance", f"{est.instance_type} ({est.gpus_per_node} x {est.gpu_type}) x {est.nodes}, {est.lane} lane"),
+        ("price", f"{_rate(est.hourly_usd)}/hour per node, {billing_text(est)}"),
+        ("estimate basis", d.note),
+        *([("base estimate basis", base.duration.note)] if base else []),
+        ("start-up", f"{_minutes(d.startup_s)} ({d.startup_note})"),
+    ]
+    if queue is not None:
+        info.append(("queue", queue.describe()))
+    for line in decision.budgets:
+        before, after = line.remaining_before, line.remaining_after
+        if before is None or after is None:
+            continue
+        fmt = money if line.key == "usd" else (lambda v: f"{v:,.2f}")
+        info.append(
+            (
+                f"{line.scope} {line.unit} left ({decision.period})",
+                f"{fmt(before)} → {fmt(after)} after this run at its most",
+            )
+        )
+    return info
+
+
+def _why(decision: Decision, policy: Policy) -> list[str]:
+    lines: list[str] = []
+    if decision.reasons:
+        lines += ["**Why:** " + "; ".join(decision.reasons), ""]
+    if decision.suggestions:
+        lines.append("**Would fit:**")
+        lines += [f"- {s}" for s in decision.suggestions]
+        lines.append("")
+    if decision.decision == "deny" and not any("exception" in s for s in decision.suggestions):
+        how = approval_how(policy)
+        if how:
+            lines += [f"Exceptions: {how}.", ""]
+    return lines
+
+
+def log_lines(est: CostEstimate, decision: Decision, queue: QueueEstimate) -> list[str]:
+    """The three lines the job log shows: the estimate, the queue and the decision."""
+    d = est.duration
+    return [
+        f"estimate: {est.instance_type} x{est.nodes} ({est.lane}), "
+        f"{_minutes_range(d.p50_s, d.p90_s)} training + {_minutes(d.startup_s)} start-up, "
+        f"{est.gpu_hours_p90:.3f} GPU-hours, ${est.usd_p90:.2f} (at most ${est.usd_cap:.2f}) [{d.note}]",
+        f"queue: {queue.describe()}",
+        f"decision: {decision.summary()}",
+    ]
+
+
+ACTUAL_MARKER = "<!-- gpuline:actual -->"
+
+
+def with_actual(comment: str, record: RunRecord) -> str:
+    """The comment with the run's actual cost after the estimate (replacing an earlier one)."""
+    text = comment.split(ACTUAL_MARKER, maxsplit=1)[0].rstrip()
+    return text + (
+        f"\n\n{ACTUAL_MARKER}\n**Actual:** ${record.actual_usd or 0:.2f}, {record.gpu_seconds / 3600:.3f} GPU-hours "
+        f"({record.idle_seconds:.0f} idle GPU-seconds), run {record.status}.\n"
+    )

@@ -1,0 +1,254 @@
+"""Every step's result as the workflow and people see it: outputs, the job summary, the closing log lines.
+
+The one place a result becomes output. :func:`write` is called by ``gpuline.cli`` for one command,
+and by ``gpuline run`` after each step, so a tier run in one process shows what the same steps show
+as separate workflow steps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from gpuline import gha
+from gpuline.render.markdown import key_value_table, markdown_table, mermaid_line_chart
+from gpuline.results import (
+    DataResult,
+    EstimateResult,
+    GateResult,
+    PipelineResult,
+    PreflightResult,
+    PromoteResult,
+    ProvisionResult,
+    RollbackResult,
+    StatusResult,
+    StepResult,
+    TeardownResult,
+    TrainResult,
+)
+from gpuline.runs import GateVerdict, RunRecord
+
+
+def write(result: StepResult, *, json_mode: bool = False) -> None:
+    """Set the result's outputs, append its summary and print its closing lines."""
+    if isinstance(result, PipelineResult):
+        return  # its steps were written as each one finished
+    for key, value in result.outputs().items():
+        gha.set_output(key, "" if value is None else str(value))
+    for line in log_lines(result, json_mode=json_mode):
+        gha.info(line)
+    text = markdown(result)
+    if text:
+        gha.append_summary(text)
+
+
+def markdown(result: StepResult) -> str:
+    """The job-summary block of a result ("" for none)."""
+    render = _MARKDOWN.get(type(result))
+    return render(result) if render is not None else ""
+
+
+def log_lines(result: StepResult, *, json_mode: bool = False) -> list[str]:
+    render = _LINES.get(type(result))
+    return render(result, json_mode) if render is not None else []
+
+
+# ---------------------------------------------------------------- per step
+
+
+def _preflight(r: StepResult) -> str:
+    assert isinstance(r, PreflightResult)
+    return f"### :white_check_mark: gpuline preflight passed ({r.run_id})\n\n" + key_value_table(
+        r.checks, ("check", "result")
+    )
+
+
+def _estimate(r: StepResult) -> str:
+    assert isinstance(r, EstimateResult)
+    return r.comment + ("\n" + r.chart if r.chart else "")
+
+
+def _provision(r: StepResult) -> str:
+    assert isinstance(r, ProvisionResult)
+    rows = [(k, f"`{v}`") for k, v in r.outputs().items()]
+    times = r.record.times
+    if times.requested and times.provisioned:
+        rows.append(("requested → provisioned", f"{(times.provisioned - times.requested).total_seconds():.1f} s"))
+    return "### gpuline provision\n\n" + key_value_table(rows)
+
+
+def _train(r: StepResult) -> str:
+    assert isinstance(r, TrainResult)
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in r.eval_metrics.items() if isinstance(v, int | float))
+    rows = [
+        ("final step", str(r.final_step)),
+        ("resumed from", "fresh start" if r.resumed_from is None else f"step {r.resumed_from}"),
+        ("checkpoints", str(len(r.record.checkpoints))),
+        ("preemptions / restarts", f"{r.preemptions} / {r.restarts}"),
+        ("eval", metrics),
+    ]
+    md = f"### gpuline train ({r.record.run_id})\n\n" + key_value_table(rows)
+    if len(r.loss_curve) >= 2:
+        md += "\n\n" + mermaid_line_chart("training loss", "step", r.loss_curve, "loss")
+    return md
+
+
+def gate_report(run_id: str, verdicts: list[GateVerdict], baseline: str) -> str:
+    """The eval report: one row per gate, candidate against baseline (kept as a file and in the summary)."""
+    passed = all(v.passed for v in verdicts)
+    icon = ":white_check_mark:" if passed else ":x:"
+    rows = []
+    for v in verdicts:
+        value = "—" if v.value is None else f"{v.value:.4g}"
+        base = "—" if v.baseline is None else f"{v.baseline:.4g}"
+        result = ("pass" if v.passed else "**fail**") + (f": {v.detail}" if v.detail else "")
+        rows.append((v.gate, value, base, v.threshold, result))
+    table = markdown_table(("gate", "candidate", "baseline", "threshold", "result"), rows)
+    verdict = "pass" if passed else "fail"
+    return f"### {icon} gpuline eval gate: {verdict} ({run_id})\n\nBaseline: {baseline}\n\n{table}\n"
+
+
+def _gate(r: StepResult) -> str:
+    assert isinstance(r, GateResult)
+    return gate_report(r.run_id, r.verdicts, r.baseline)
+
+
+def _promote(r: StepResult) -> str:
+    assert isinstance(r, PromoteResult)
+    return (
+        f"### gpuline promote\n\n**{r.model} v{r.version}** is now **{r.stage}** "
+        f"(previously {_previous(r.previous_version)}).\n"
+    )
+
+
+def _previous(version: int | None) -> str:
+    return f"v{version}" if version is not None else "nothing"
+
+
+def _teardown_rows(r: TeardownResult) -> list[tuple[str, str]]:
+    rec = r.record
+    return [
+        ("status", f"{rec.status} (last step: {rec.stage})"),
+        ("machine", f"{rec.instance_id or '—'} {'released' if r.machine_released else 'not running'}"),
+        ("GPU-seconds", f"{rec.gpu_seconds:.0f} (idle {rec.idle_seconds:.0f})"),
+        ("cost", f"${rec.actual_usd or 0:.2f} actual vs ${rec.estimated_usd or 0:.2f} estimated"),
+        ("quota", r.quota),
+    ]
+
+
+def _teardown(r: StepResult) -> str:
+    assert isinstance(r, TeardownResult)
+    return f"### gpuline teardown ({r.record.run_id})\n\n" + key_value_table(_teardown_rows(r))
+
+
+def _rollback(r: StepResult) -> str:
+    assert isinstance(r, RollbackResult)
+    return f"### gpuline rollback\n\n**{r.model}** {r.stage} is back to **v{r.version}** (was v{r.replaced}).\n"
+
+
+def _data(r: StepResult) -> str:
+    assert isinstance(r, DataResult)
+    return r.markdown
+
+
+# ---------------------------------------------------------------- closing log lines
+
+
+def _preflight_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, PreflightResult)
+    return [f"ok  {name}: {line}" for name, line in r.checks]
+
+
+def _estimate_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, EstimateResult)
+    return r.log_lines
+
+
+def _provision_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, ProvisionResult)
+    rec = r.record
+    return [
+        f"provisioned {rec.instance_id} ({rec.provider}, {rec.instance_type}, {rec.lane}); "
+        f"lease {rec.lease_id} expires {r.expires_at}"
+    ]
+
+
+def _gate_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, GateResult)
+    return [f"{'PASS' if v.passed else 'FAIL'} {v.gate} = {v.value} ({v.threshold}) {v.detail}" for v in r.verdicts]
+
+
+def _promote_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, PromoteResult)
+    return [
+        f"{r.model} v{r.version} is now {r.stage} (was {_previous(r.previous_version)}); "
+        f"`gpuline rollback --model {r.model} --stage {r.stage}` undoes this"
+    ]
+
+
+def _teardown_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, TeardownResult)
+    lines = [] if r.first_time else [f"run {r.record.run_id} was already torn down; nothing left to release"]
+    return [*lines, f"teardown {r.record.run_id}: " + "; ".join(f"{k} {v}" for k, v in _teardown_rows(r))]
+
+
+def _rollback_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, RollbackResult)
+    return [f"{r.model} {r.stage}: v{r.replaced} -> v{r.version} (rolled back)"]
+
+
+def _status_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, StatusResult)
+    return [] if json_mode else status_table(r.records)
+
+
+def status_table(records: list[RunRecord]) -> list[str]:
+    if not records:
+        return ["no runs yet"]
+    lines = [f"{'RUN':28} {'TIER':8} {'STATUS':10} {'STAGE':14} {'GPU-S':>8} {'USD':>8} {'VERSION':8} COMMIT"]
+    for r in records:
+        version = f"v{r.promoted_version} {r.promoted_stage}" if r.promoted_version else ""
+        usd = f"{r.actual_usd:.2f}" if r.actual_usd is not None else "-"
+        lines.append(
+            f"{r.run_id:28} {r.tier:8} {r.status:10} {r.stage:14} {r.gpu_seconds:8.0f} {usd:>8} "
+            f"{version:8} {r.lineage.commit[:10]}"
+        )
+        if r.error:
+            lines.append(f"{'':28} error: {r.error}")
+    return lines
+
+
+def _data_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, DataResult)
+    if json_mode or not r.text:
+        return []
+    return [r.text]
+
+
+def schema_text(schema: dict[str, object]) -> str:
+    return json.dumps(schema, indent=2)
+
+
+_MARKDOWN: dict[type[StepResult], Callable[[StepResult], str]] = {
+    PreflightResult: _preflight,
+    EstimateResult: _estimate,
+    ProvisionResult: _provision,
+    TrainResult: _train,
+    GateResult: _gate,
+    PromoteResult: _promote,
+    TeardownResult: _teardown,
+    RollbackResult: _rollback,
+    DataResult: _data,
+}
+
+_LINES: dict[type[StepResult], Callable[[StepResult, bool], list[str]]] = {
+    PreflightResult: _preflight_lines,
+    EstimateResult: _estimate_lines,
+    ProvisionResult: _provision_lines,
+    GateResult: _gate_lines,
+    PromoteResult: _promote_lines,
+    TeardownResult: _teardown_lines,
+    RollbackResult: _rollback_lines,
+    StatusResult: _status_lines,
+    DataResult: _data_lines,
+}

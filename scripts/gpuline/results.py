@@ -1,0 +1,309 @@
+"""What each command returns: one typed result per step, with its workflow outputs and its JSON.
+
+A step decides and records; it does not print its summary or set its outputs. ``gpuline.cli`` (and
+``gpuline run`` between steps) hands the result to :mod:`gpuline.render.summary`, which writes the
+outputs, the job summary and the closing log lines, so every step's output is shaped in one place.
+A step that refuses or fails after producing something worth showing (a denied estimate, a failed
+gate, a stopped training) raises with the result attached (``GpulineError.result``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuline.runs import GateVerdict, RunRecord
+
+
+@dataclass
+class StepResult:
+    """The base: a result knows its command and its JSON body (the keys of ``--json``)."""
+
+    command: str = field(init=False, default="")
+
+    def to_json(self) -> dict[str, Any]:
+        return {}
+
+    def outputs(self) -> dict[str, object]:
+        """The step's outputs for the calling workflow (kebab-case names; ``None`` becomes "")."""
+        return {}
+
+
+@dataclass
+class PreflightResult(StepResult):
+    run_id: str
+    checks: list[tuple[str, str]]
+    smoke_step_s: float | None
+    command: str = field(init=False, default="preflight")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "verdict": "pass",
+            "checks": dict(self.checks),
+            "smoke_step_s": self.smoke_step_s,
+        }
+
+    def outputs(self) -> dict[str, object]:
+        return {"run-id": self.run_id, "verdict": "pass"}
+
+
+@dataclass
+class EstimateResult(StepResult):
+    run_id: str
+    estimate_tier: str
+    estimate: dict[str, Any]
+    decision: dict[str, Any]
+    queue: dict[str, Any]
+    reserved: bool
+    base: dict[str, Any] | None
+    comment: str
+    comment_path: str
+    chart: str
+    log_lines: list[str]
+    command: str = field(init=False, default="cost-estimate")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "estimate_tier": self.estimate_tier,
+            "estimate": self.estimate,
+            "decision": self.decision,
+            "queue": self.queue,
+            "reserved": self.reserved,
+            "base": self.base,
+            "comment_path": self.comment_path,
+        }
+
+    def outputs(self) -> dict[str, object]:
+        est = self.estimate
+        return {
+            "run-id": self.run_id,
+            "usd": f"{est['usd_p90']:.2f}",
+            "gpu-hours": f"{est['gpu_hours_p90']:.3f}",
+            "usd-max": f"{est['usd_cap']:.2f}",
+            "duration-basis": est["duration"]["basis"],
+            "expected-wait-s": f"{self.queue['expected_wait_s']:.0f}",
+            "decision": self.decision["decision"],
+            "comment-path": self.comment_path,
+        }
+
+
+@dataclass
+class ProvisionResult(StepResult):
+    record: RunRecord
+    already: bool = False
+    command: str = field(init=False, default="provision")
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    @property
+    def expires_at(self) -> str:
+        return self.record.expires_at.isoformat(timespec="seconds") if self.record.expires_at else ""
+
+    def outputs(self) -> dict[str, object]:
+        r = self.record
+        return {
+            "run-id": r.run_id,
+            "runner-label": r.runner_label or "",
+            "lease-id": r.lease_id or "",
+            "instance-id": r.instance_id or "",
+            "expires-at": self.expires_at,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "run_id": r.run_id,
+            "lease_id": r.lease_id,
+            "instance_id": r.instance_id,
+            "runner_label": r.runner_label,
+            "expires_at": self.expires_at,
+            "provider": r.provider,
+            "instance_type": r.instance_type,
+            "lane": r.lane,
+        }
+
+
+@dataclass
+class TrainResult(StepResult):
+    record: RunRecord
+    final_step: int | None
+    resumed_from: int | None
+    stop_reason: str
+    preemptions: int
+    restarts: int
+    eval_metrics: dict[str, Any]
+    loss_curve: list[tuple[int, float]]
+    command: str = field(init=False, default="train")
+
+    def outputs(self) -> dict[str, object]:
+        return {
+            "run-id": self.record.run_id,
+            "final-step": self.final_step,
+            "resumed-from": "" if self.resumed_from is None else self.resumed_from,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "run_id": r.run_id,
+            "final_step": self.final_step,
+            "resumed_from": self.resumed_from,
+            "checkpoints": [c.model_dump() for c in r.checkpoints],
+            "metrics": r.metrics,
+            "stop_reason": self.stop_reason,
+            "preemptions": self.preemptions,
+        }
+
+
+@dataclass
+class GateResult(StepResult):
+    run_id: str
+    verdicts: list[GateVerdict]
+    baseline: str
+    report_path: str
+    command: str = field(init=False, default="eval-gate")
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.verdicts)
+
+    def outputs(self) -> dict[str, object]:
+        return {"verdict": "pass" if self.passed else "fail", "report-path": self.report_path}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "verdict": "pass" if self.passed else "fail",
+            "baseline": self.baseline,
+            "gates": [v.model_dump(mode="json") for v in self.verdicts],
+        }
+
+
+@dataclass
+class PromoteResult(StepResult):
+    run_id: str
+    model: str
+    version: int
+    stage: str
+    previous_version: int | None
+    command: str = field(init=False, default="promote")
+
+    def outputs(self) -> dict[str, object]:
+        return {"version": self.version, "stage": self.stage, "previous-version": self.previous_version or ""}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model": self.model,
+            "version": self.version,
+            "stage": self.stage,
+            "previous_version": self.previous_version,
+        }
+
+
+@dataclass
+class TeardownResult(StepResult):
+    record: RunRecord
+    machine_released: bool
+    lease_released: bool
+    quota: str
+    first_time: bool
+    comment_path: str
+    command: str = field(init=False, default="teardown")
+
+    def outputs(self) -> dict[str, object]:
+        r = self.record
+        return {
+            "actual-usd": f"{r.actual_usd or 0:.2f}",
+            "gpu-seconds": f"{r.gpu_seconds:.0f}",
+            "comment-path": self.comment_path,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "run_id": r.run_id,
+            "status": r.status,
+            "machine_released": self.machine_released,
+            "lease_released": self.lease_released,
+            "gpu_seconds": r.gpu_seconds,
+            "actual_usd": r.actual_usd,
+            "quota": self.quota,
+            "already_torn_down": not self.first_time,
+        }
+
+
+@dataclass
+class PipelineResult(StepResult):
+    """``gpuline run``: the steps' results in order (their outputs were written as each finished)."""
+
+    tier: str
+    run_id: str | None
+    steps: list[StepResult]
+    command: str = field(init=False, default="run")
+
+    def step(self, command: str) -> StepResult | None:
+        return next((s for s in self.steps if s.command == command), None)
+
+    @property
+    def promoted(self) -> PromoteResult | None:
+        found = self.step("promote")
+        return found if isinstance(found, PromoteResult) else None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tier": self.tier}
+        out.update({s.command: s.to_json() for s in self.steps})
+        out["run_id"] = self.run_id
+        if self.promoted is not None:
+            out["version"] = self.promoted.version
+            out["stage"] = self.promoted.stage
+        return out
+
+
+@dataclass
+class RollbackResult(StepResult):
+    model: str
+    stage: str
+    version: int | None
+    replaced: int | None
+    command: str = field(init=False, default="rollback")
+
+    def outputs(self) -> dict[str, object]:
+        return {"version": self.version, "stage": self.stage}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "stage": self.stage, "version": self.version, "replaced": self.replaced}
+
+
+@dataclass
+class StatusResult(StepResult):
+    records: list[RunRecord]
+    bodies: list[dict[str, Any]]
+    command: str = field(init=False, default="status")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"runs": self.bodies}
+
+
+@dataclass
+class DataResult(StepResult):
+    """A command whose result is a document and a markdown rendering of it (report, schema, reap)."""
+
+    name: str
+    body: dict[str, Any]
+    markdown: str = ""
+    text: str = ""  # printed for people (not under --json)
+    output_values: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.command = self.name
+
+    def to_json(self) -> dict[str, Any]:
+        return self.body
+
+    def outputs(self) -> dict[str, object]:
+        return self.output_values
