@@ -199,8 +199,23 @@ def test_comment_command_creates_then_updates(
     (comment,) = api_env.comments_on(REPO, 7)
     assert str(comment["id"]) == outputs["comment-id"]
     assert comment["body"].index("preflight: pass") < comment["body"].index("est")
-    assert comment["body"].startswith(github.sticky_marker("ML PR:gpuline.yml"))
+    # The key is the config alone: the workflow's name ("ML PR") is not part of it, so every tier
+    # writing for this config (estimate on the PR, actual cost later) shares the one comment.
+    assert comment["body"].startswith(github.sticky_marker("gpuline.yml"))
     assert "PR comment updated" in actions_env["GITHUB_STEP_SUMMARY"].read_text()
+
+
+def test_two_tiers_write_into_one_comment_per_config(
+    api_env: FakeGitHub, actions_env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GITHUB_TOKEN", "tok")
+    monkeypatch.setenv("GITHUB_EVENT_PATH", _event(tmp_path, {"pull_request": {"number": 7}}))
+    monkeypatch.setenv("GITHUB_WORKFLOW", "gpuline PR")
+    assert cli_main(["comment", "--section", "estimate", "--body-file", _body(tmp_path, "e.md", "est $2")]) == 0
+    monkeypatch.setenv("GITHUB_WORKFLOW", "gpuline nightly")
+    assert cli_main(["comment", "--section", "actual", "--body-file", _body(tmp_path, "a.md", "actual $1")]) == 0
+    (comment,) = api_env.comments_on(REPO, 7)
+    assert "est $2" in comment["body"] and "actual $1" in comment["body"]
 
 
 def test_comment_command_skips_without_a_token(

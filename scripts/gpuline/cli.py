@@ -192,6 +192,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     module_name, _, func_name = target.partition(":")
     ctx = Context.from_args(args)
     try:
+        _check_tier(args.tier)
         func: Callable[[Context, argparse.Namespace], StepResult]
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(ctx, args)
@@ -215,6 +216,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": True, **result.to_json()}, default=str, indent=2))
     return 0
+
+
+def _check_tier(tier: str | None) -> None:
+    """argparse checks --tier's choices but not a default taken from GPULINE_TIER: check it the same way."""
+    from gpuline.errors import InputError
+
+    if tier is not None and tier not in TIERS:
+        raise InputError(
+            f"GPULINE_TIER={tier[:40]!r} is not a tier",
+            hint=f"use one of {', '.join(TIERS)} (the `tier` input of the actions), or unset it",
+        )
 
 
 def _write(ctx: Context, result: object, args: argparse.Namespace) -> None:

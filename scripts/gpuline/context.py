@@ -38,6 +38,9 @@ class Context:
     inputs: Inputs = field(default_factory=Inputs.from_env)
     # Set when this context created the run: the caller reports the new id even if a step then fails.
     created_run: bool = False
+    # The tier asked for by --tier or GPULINE_TIER (None: not given). A run keeps the tier it was
+    # created with, so asking for another one on an existing run is an error, not a silent switch.
+    tier_given: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, default_tier: str = "nightly") -> Context:
@@ -46,6 +49,7 @@ class Context:
         return cls(
             config_path=Path(args.config),
             tier=args.tier or default_tier,
+            tier_given=args.tier,
             policy_path=Path(args.policy) if args.policy else None,
             policy_ref=args.policy_ref,
             run_id=args.run_id,
@@ -128,14 +132,22 @@ class Context:
     # ------------------------------------------------------------ the run record
 
     def require_run(self) -> RunRecord:
+        """The run named by --run-id, acted on as the tier it was created with."""
         if not self.run_id:
             raise InputError("no run given", hint="pass --run-id ID (printed by `gpuline preflight` or `provision`)")
-        return self.ledger.get_run(self.run_id)
+        record = self.ledger.get_run(self.run_id)
+        if self.tier_given is not None and self.tier_given != record.tier:
+            raise InputError(
+                f"run {record.run_id} is a {record.tier} run; it cannot be acted on as {self.tier_given}",
+                hint=f"drop --tier (GPULINE_TIER) or pass --tier {record.tier}; a new run takes a new tier",
+            )
+        self.use_tier(record.tier)
+        return record
 
     def ensure_run(self) -> RunRecord:
         """The run named by --run-id, or a new one: the first step that needs a run creates it."""
         if self.run_id:
-            return self.ledger.get_run(self.run_id)
+            return self.require_run()
         spec = self.spec
         record = RunRecord(
             run_id=new_run_id(),

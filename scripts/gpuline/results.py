@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpuline.lease.runner import runs_on
 from gpuline.runs import GateVerdict, RunRecord
 
 
@@ -111,6 +112,7 @@ class ProvisionResult(StepResult):
             "lease-id": r.lease_id or "",
             "instance-id": r.instance_id or "",
             "expires-at": self.expires_at,
+            "runs-on": runs_on(r.provider, r.runner_label),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -210,6 +212,7 @@ class TeardownResult(StepResult):
     record: RunRecord
     machine_released: bool
     lease_released: bool
+    runners_deleted: list[str]
     quota: str
     first_time: bool
     comment_path: str
@@ -230,6 +233,7 @@ class TeardownResult(StepResult):
             "status": r.status,
             "machine_released": self.machine_released,
             "lease_released": self.lease_released,
+            "runners_deleted": self.runners_deleted,
             "gpu_seconds": r.gpu_seconds,
             "actual_usd": r.actual_usd,
             "quota": self.quota,

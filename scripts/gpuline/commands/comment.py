@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key",
         default=Inputs.from_env().comment_key,
-        help="which sticky comment (default: the workflow name and the config path)",
+        help="which sticky comment (default: the config path, shared by every tier)",
     )
     p.add_argument("--pr", type=int, default=None, help="PR number (default: from the event)")
     p.add_argument("--repo", default=None, help="OWNER/REPO (default: GITHUB_REPOSITORY)")
@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_key() -> str:
-    workflow = os.environ.get("GITHUB_WORKFLOW") or "gpuline"
-    config = Inputs.from_env().config or "gpuline.yml"
-    return f"{workflow}:{config}"
+    """One comment per config, whichever tier writes to it: the estimate a PR tier posted and the actual
+    cost a later tier settled for the same config land together (the workflow's name is not part of it)."""
+    return Inputs.from_env().config or "gpuline.yml"
 
 
 def _read_sections(names: list[str], files: list[str]) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gpuline.errors import ConfigError
 from gpuline.plugins import Registry
 from gpuline.providers.base import Provider
 
@@ -24,3 +25,15 @@ def open_provider(name: str, project_dir: Path, options: dict[str, Any] | None =
     factory = PROVIDERS.load(name)
     provider: Provider = factory(project_dir=project_dir, options=options or {})
     return provider
+
+
+def check_nodes(name: str, nodes: int) -> None:
+    """Refuse a spec that asks a provider for more nodes than one lease of it can launch."""
+    most = int(getattr(PROVIDERS.load(name), "max_nodes", 1))
+    if nodes > most:
+        raise ConfigError(
+            f"resources.nodes is {nodes} but the {PROVIDERS.canonical(name)} provider launches "
+            f"{'one machine' if most == 1 else f'at most {most} nodes'} per run",
+            hint="use provider: kubernetes for multi-node training (an Indexed Job or a PyTorchJob), "
+            "or set resources.nodes: 1 with more GPUs per node",
+        )

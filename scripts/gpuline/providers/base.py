@@ -82,6 +82,9 @@ class Machine:
 
 class Provider(Protocol):
     name: str
+    # How many nodes one lease can span: a provider that launches one machine per lease says 1, and a
+    # multi-node spec is refused before anything is bought rather than priced at N and launched at 1.
+    max_nodes: int
 
     def provision(self, request: LeaseRequest) -> Machine: ...
     def describe(self, instance_id: str) -> Machine: ...

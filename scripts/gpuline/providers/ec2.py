@@ -56,6 +56,7 @@ def _run_instances(client: EC2Client, params: dict[str, Any]) -> dict[str, Any]:
 
 class Ec2Provider:
     name = "ec2"
+    max_nodes = 1  # one instance per lease; a rendezvous across instances is the Kubernetes provider's job
 
     def __init__(
         self,

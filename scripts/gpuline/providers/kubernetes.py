@@ -42,6 +42,7 @@ _KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
 
 class KubernetesProvider:
     name = "kubernetes"
+    max_nodes = 64  # an Indexed Job (or a PyTorchJob) with a headless Service for the rendezvous
 
     def __init__(self, project_dir: Path, options: dict[str, Any] | None = None) -> None:
         self.project_dir = project_dir

@@ -19,6 +19,7 @@ from gpuline.runs import utcnow
 
 class LocalProvider:
     name = "local"
+    max_nodes = 64  # torchrun on this host, or one node of a run whose peers run the same command
 
     def __init__(self, project_dir: Path, options: dict[str, Any] | None = None) -> None:
         self.dir = project_dir / ".gpuline" / "local-leases"

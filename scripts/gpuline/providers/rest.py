@@ -43,6 +43,7 @@ __all__ = ["NAME_PREFIX", "HttpError", "RestOptions", "RestProvider", "instance_
 
 class RestProvider:
     name = "rest"
+    max_nodes = 1  # one instance per lease
 
     def __init__(
         self,

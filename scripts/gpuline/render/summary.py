@@ -130,6 +130,7 @@ def _teardown_rows(r: TeardownResult) -> list[tuple[str, str]]:
     return [
         ("status", f"{rec.status} (last step: {rec.stage})"),
         ("machine", f"{rec.instance_id or '—'} {'released' if r.machine_released else 'not running'}"),
+        *([("runner", f"registration {', '.join(r.runners_deleted)} deleted")] if r.runners_deleted else []),
         ("GPU-seconds", f"{rec.gpu_seconds:.0f} (idle {rec.idle_seconds:.0f})"),
         ("cost", f"${rec.actual_usd or 0:.2f} actual vs ${rec.estimated_usd or 0:.2f} estimated"),
         ("quota", r.quota),

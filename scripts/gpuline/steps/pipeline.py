@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from gpuline import gha
 from gpuline.context import Context
-from gpuline.errors import GpulineError
+from gpuline.errors import GpulineError, InputError
+from gpuline.providers import PROVIDERS
 from gpuline.render import summary
 from gpuline.results import PipelineResult, StepResult
 from gpuline.steps.cost_estimate import cost_estimate
@@ -44,6 +45,8 @@ def plan(tier: str, args: argparse.Namespace) -> list[tuple[str, Step]]:
 
 
 def run(ctx: Context, args: argparse.Namespace) -> PipelineResult:
+    if ctx.tier != "pr-fast":
+        _trains_here(args.provider or ctx.spec.resources.provider)
     done: list[StepResult] = []
     failure: BaseException | None = None
     try:
@@ -71,6 +74,19 @@ def run(ctx: Context, args: argparse.Namespace) -> PipelineResult:
         + (f", {promoted.model} v{promoted.version} is {promoted.stage}" if promoted else "")
     )
     return result
+
+
+def _trains_here(provider: str) -> None:
+    """`gpuline run` trains in this process, on this machine: a machine bought elsewhere would train
+    nothing and be paid for all the same, so only the local provider runs here."""
+    name = PROVIDERS.canonical(provider)
+    if name != "local":
+        raise InputError(
+            f"`gpuline run` trains on this machine, so with provider {name} it would pay for a machine "
+            "that trains nothing",
+            hint="run the nightly or release workflow (its train job runs on the machine provision starts), "
+            "or pass --provider local",
+        )
 
 
 def _written(result: StepResult, args: argparse.Namespace) -> StepResult:

@@ -10,6 +10,7 @@ from typing import cast
 from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import ConfigError, InputError, Location, PolicyDenied
+from gpuline.providers import check_nodes
 from gpuline.results import PreflightResult
 from gpuline.runs import RunRecord
 from gpuline.spec import Spec, Tier
@@ -24,13 +25,15 @@ def run(ctx: Context, args: argparse.Namespace) -> PreflightResult:
 
 
 def preflight(ctx: Context) -> PreflightResult:
-    spec = ctx.spec  # schema errors surface here, before a run record exists
-    _ = ctx.policy
+    _ = ctx.spec, ctx.policy  # schema errors surface here, before a run record exists
     record = ctx.ensure_run()
+    spec = ctx.spec  # as the run's tier runs it
     rows: list[tuple[str, str]] = [("schema", f"`{ctx.config_path}` and policy are valid")]
     with recorded(ctx, "preflight"):
         with gha.group("preflight: policy"):
             rows.append(("policy", check_tier_rules(ctx, spec)))
+        with gha.group("preflight: resources"):
+            rows.append(("resources", check_resources(ctx, spec)))
         with gha.group("preflight: secrets"):
             rows.append(("secrets", check_secrets(ctx, spec)))
         with gha.group("preflight: dataset"):
@@ -65,6 +68,17 @@ def check_tier_rules(ctx: Context, spec: Spec) -> str:
             hint=f"set resources.max_duration to {rules.max_duration // 60}m or less",
         )
     return f"{res.gpu_type} for at most {res.max_duration // 60} min is allowed on {ctx.tier}"
+
+
+def check_resources(ctx: Context, spec: Spec) -> str:
+    """What the provider can launch: a multi-node spec on a one-machine provider fails here, not at the bill."""
+    res = spec.resources
+    try:
+        check_nodes(res.provider, res.nodes)
+    except ConfigError as exc:
+        exc.location = Location(ctx.config_path, ctx.line_of(("resources", "nodes")), field="resources.nodes")
+        raise
+    return f"{res.nodes} node(s) on {res.provider}"
 
 
 def check_secrets(ctx: Context, spec: Spec) -> str:

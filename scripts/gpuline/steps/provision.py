@@ -8,20 +8,18 @@ live one before its TTL (:mod:`gpuline.lease.holder`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
 from gpuline.decisions import quota
 from gpuline.decisions.pricing import load_catalog
-from gpuline.errors import InputError
-from gpuline.inputs import runner_scope
+from gpuline.lease import runner as runner_reg
 from gpuline.lease.holder import holder
 from gpuline.lease.machines import open_masked, report_failures, report_machine
 from gpuline.lease.record import Lease, record_lease, record_machine
-from gpuline.providers import PROVIDERS
-from gpuline.providers.base import LeaseRequest, Provider, RunnerRequest
+from gpuline.providers import PROVIDERS, check_nodes
+from gpuline.providers.base import LeaseRequest, RunnerRequest
 from gpuline.providers.failover import CapacityExhausted
 from gpuline.providers.testhooks import pause_at
 from gpuline.results import ProvisionResult
@@ -43,13 +41,16 @@ def provision(
 ) -> ProvisionResult:
     """Lease, then launch. ``process_bound``: this process will also tear the lease down (``gpuline
     run`` passes True), so its death means the lease is abandoned."""
+    record = ctx.ensure_run()  # first: an existing run is provisioned as its own tier
     spec = ctx.spec
-    record = ctx.ensure_run()
     name = PROVIDERS.canonical(provider_name or spec.resources.provider)
+    check_nodes(name, spec.resources.nodes)  # before the lease: nothing is bought for a spec it cannot launch
     with recorded(ctx, "provision"):
         if record.lease_id:
             gha.info(f"run {record.run_id} already holds lease {record.lease_id}; not provisioning again")
             return ProvisionResult(record=record, already=True)
+        provider = open_masked(name, ctx.project_dir, _options(ctx, spec))
+        runner_reg.check(name, provider, runner_label, ctx.inputs)  # a missing token fails before the lease
         # Lease before launch: a crash between here and the provider's answer leaves a record the
         # reaper can reconcile against the tags the machine carries.
         lease = record_lease(
@@ -64,8 +65,8 @@ def provision(
         )
         quota.hold_until(ctx.ledger, record.run_id, lease.expires_at)
         pause_at("lease-recorded")
-        provider = open_masked(name, ctx.project_dir, _options(ctx, spec))
-        request = _launch_request(ctx, record, spec, lease, _runner(ctx, name, provider, runner_label, record.run_id))
+        runner = runner_reg.register(ctx.ledger, record.run_id, name, provider, runner_label, ctx.inputs)
+        request = _launch_request(ctx, record, spec, lease, runner)
         try:
             machine = provider.provision(request)
         except BaseException as exc:
@@ -73,7 +74,7 @@ def provision(
                 failures = [f.as_dict() for f in exc.failures]
                 report_failures(name, failures)
                 ctx.event("machine.failed", failures=failures)
-            _unregister_runner(ctx, record.run_id)
+            runner_reg.unregister(ctx.ledger, record.run_id)
             raise
         pause_at("launched")
         record = record_machine(ctx.ledger, record, lease, machine)
@@ -122,53 +123,3 @@ def _options(ctx: Context, spec: Spec) -> dict[str, Any]:
             gha.info(f"policy for {ctx.tier} allows only {', '.join(allowed)}; no on-demand fallback")
             options["on_demand_fallback"] = False
     return options
-
-
-# ---------------------------------------------------------------- the JIT runner
-
-
-def _runner(
-    ctx: Context, provider_name: str, provider: Provider, label: str | None, run_id: str
-) -> RunnerRequest | None:
-    """A single-use GitHub runner registration, when a runner label is asked for.
-
-    The label the job will ``runs-on`` is unique to the run (``gpuline-<run id>``), so no other
-    queued job can land on this machine; the label passed in is added beside it.
-    """
-    if not label:
-        return None
-    if provider_name == "local" or not getattr(provider, "wants_runner", True):
-        # The local provider's "runner" is the machine gpuline runs on; a pod that trains needs none.
-        return RunnerRequest(label=label, jit_config="")
-    from gpuline import github
-
-    scope = runner_scope(ctx.inputs)
-    if not scope:
-        raise InputError(
-            "a runner label was given but no repository to register the runner with",
-            hint="set GITHUB_REPOSITORY (set in Actions) or GPULINE_RUNNER_SCOPE=ORG",
-        )
-    if not github.token_from_env():
-        raise InputError(
-            "registering a just-in-time runner needs a GitHub token",
-            hint="set GPULINE_GITHUB_TOKEN to a token with Administration: write on the repository",
-        )
-    unique = f"gpuline-{run_id}"
-    labels = [unique] + ([label] if label not in (unique, "auto") else [])
-    jit = github.create_jit_runner(scope, unique, labels)
-    gha.mask(jit.encoded_jit_config)
-    ctx.event("runner.registered", runner_id=jit.runner_id, name=jit.name, labels=labels, scope=scope)
-    return RunnerRequest(label=unique, jit_config=jit.encoded_jit_config)
-
-
-def _unregister_runner(ctx: Context, run_id: str) -> None:
-    """No machine will ever pick up this run's runner registration: delete it (best effort; the
-    reaper deletes what is left)."""
-    registered = [e.data for e in ctx.ledger.events(run_id) if e.kind == "runner.registered"]
-    if not registered:
-        return
-    from gpuline import github
-
-    for runner in registered:
-        with contextlib.suppress(Exception):
-            github.delete_runner(str(runner["scope"]), int(runner["runner_id"]))

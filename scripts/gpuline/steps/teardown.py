@@ -10,6 +10,7 @@ import argparse
 
 from gpuline.context import Context
 from gpuline.decisions import quota
+from gpuline.lease import runner
 from gpuline.lease.close import close_record, release_machine
 from gpuline.render.cost_comment import with_actual
 from gpuline.results import TeardownResult
@@ -27,6 +28,8 @@ def teardown(ctx: Context) -> TeardownResult:
     first_time = record.times.released is None
     machine_released = release_machine(ctx.project_dir, record)
     lease_released = ctx.ledger.release_lease(record.lease_id, now) if record.lease_id else False
+    # A runner that never picked up its job would stay registered; one that ran has removed itself.
+    runners_deleted = runner.unregister(ctx.ledger, record.run_id)
     if first_time:
         record = close_record(ctx.ledger, ctx.project_dir, record, now)
     settled = quota.settle(ctx.ledger, record)
@@ -34,6 +37,7 @@ def teardown(ctx: Context) -> TeardownResult:
         "teardown",
         machine_released=machine_released,
         lease_released=lease_released,
+        runners_deleted=runners_deleted,
         quota=settled,
         first_time=first_time,
     )
@@ -45,6 +49,7 @@ def teardown(ctx: Context) -> TeardownResult:
         record=record,
         machine_released=machine_released,
         lease_released=lease_released,
+        runners_deleted=runners_deleted,
         quota=settled,
         first_time=first_time,
         comment_path=str(comment_path) if comment_path.exists() else "",
