@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_training import Recorder
+from fixtures_training import Recorder, when_metrics_reach
+from servers import ImdsServer
 from gpuline.storage import open_storage
 from gpuline.training import TrainOutcome, TrainRequest, checkpoints, supervise
 
@@ -29,7 +30,7 @@ def _free_port() -> int:
 
 
 def _run_two_nodes(
-    tmp_path: Path, steps: int, max_duration_s: tuple[float, float] = (240, 240), interval: int = 20
+    tmp_path: Path, steps: int, interval: int = 20, imds: tuple[str, str] = ("off", "off")
 ) -> list[tuple[TrainOutcome, Recorder]]:
     endpoint = f"127.0.0.1:{_free_port()}"
     results: dict[int, tuple[TrainOutcome, Recorder]] = {}
@@ -48,14 +49,15 @@ def _run_two_nodes(
             dataset_path=EXAMPLE / "data" / "digits.npz",
             checkpoint_interval=interval,
             keep=3,
-            max_duration_s=max_duration_s[index],
+            max_duration_s=240,
             max_restarts=0,
             allow_fresh_start=False,
             nnodes=2,
             nprocs_per_node=1,
             on_event=rec.event,
             log=rec.log,
-            imds_endpoint="off",
+            imds_endpoint=imds[index],
+            imds_poll_s=0.05,
             rdzv_endpoint=endpoint,
         )
         try:
@@ -74,12 +76,24 @@ def _run_two_nodes(
 
 
 @pytest.mark.slow
-def test_two_nodes_stop_together_and_resume_from_the_same_step(tmp_path: Path) -> None:
-    # Node 0 reaches its max duration: its ranks get SIGTERM, node 1's rank learns it at the next step
-    # (ranks agree on stopping through an all-reduce), both save together and rank 0 commits.
-    first = _run_two_nodes(tmp_path, steps=10**6, max_duration_s=(12, 240), interval=500)
-    reasons = sorted(o.stop_reason for o, _ in first)
-    assert reasons == ["max_duration", "preempted"], [rec.lines[-10:] for _, rec in first]
+def test_two_nodes_stop_together_and_resume_from_the_same_step(tmp_path: Path, imds_server: ImdsServer) -> None:
+    # Node 0's spot instance is reclaimed once both ranks are training (not after a fixed time, which a
+    # busy machine may spend starting the process group): its rank gets SIGTERM, node 1's rank learns
+    # it at the next step (ranks agree on stopping through an all-reduce), both save together and rank
+    # 0 commits.
+    # Rank 0 (which writes the metrics) is whichever node the rendezvous made it: watch both nodes' files.
+    once = threading.Lock()
+
+    def reclaim_node0() -> None:
+        if once.acquire(blocking=False):
+            imds_server.schedule_interruption()
+
+    for i in range(2):
+        when_metrics_reach(tmp_path / f"node{i}" / "metrics.jsonl", 5, reclaim_node0, timeout_s=240)
+    first = _run_two_nodes(tmp_path, steps=10**6, interval=500, imds=(imds_server.url, "off"))
+    reasons = [o.stop_reason for o, _ in first]
+    assert reasons == ["preempted", "preempted"], [rec.lines[-10:] for _, rec in first]
+    assert first[0][1].matching("spot")  # node 0 stopped for its spot notice, node 1 for its peer
     committed = [checkpoints.complete(tmp_path / f"node{i}" / "checkpoints") for i in range(2)]
     assert sorted(len(c) > 0 for c in committed) == [False, True]  # rank 0's node alone wrote checkpoints
     stop_step = max(s for c in committed for s, _ in c)
