@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from fixtures_training import Recorder, when_metrics_reach
-from servers import ImdsServer
 from gpuline.storage import open_storage
 from gpuline.training import TrainOutcome, TrainRequest, checkpoints, supervise
+from servers import ImdsServer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "templates" / "example"
 
