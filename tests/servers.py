@@ -1,25 +1,34 @@
-"""Real local servers for tests: a moto S3/EC2/DynamoDB server and an EC2 instance-metadata server.
+"""Real local servers for tests: a moto S3/EC2/DynamoDB server, an EC2 instance-metadata server and an
+MLflow tracking server.
 
-Both bind 127.0.0.1 on a free port, start once per test session and are stopped by the fixture that
-started them. Import the fixtures into a test module (pytest puts tests/ on sys.path)::
+Each binds 127.0.0.1 on a free port, starts once per test session and is stopped by the fixture that
+started it. Import the fixtures into a test module (pytest puts tests/ on sys.path)::
 
     from servers import aws_env, moto_server  # noqa: F401
 
 ``moto_server`` yields the endpoint URL (a ``str``) with a ``reset()`` that empties every backend
 through moto's ``POST /moto-api/reset``; ``aws_env`` points boto3 at it for one test with fake
-credentials and a clean slate.
+credentials and a clean slate. ``mlflow_server`` yields the tracking URI of a real ``mlflow server``
+(sqlite backend store, local artifact root) with ``startup_s``, the seconds from start to /health.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +194,86 @@ def imds_session() -> Iterator[ImdsServer]:
 def imds_server(imds_session: ImdsServer) -> ImdsServer:
     imds_session.reset()
     return imds_session
+
+
+# ---------------------------------------------------------------- MLflow tracking server
+
+MLFLOW_HEALTH_DEADLINE_S = 120.0  # a loaded 2-core machine takes ~10-40 s from start to /health
+
+
+class MlflowServer(str):
+    """The tracking URI of a running ``mlflow server``; ``startup_s`` is how long it took to answer /health."""
+
+    startup_s: float = 0.0
+    log_path: Path | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + MLFLOW_HEALTH_DEADLINE_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"mlflow server exited with {proc.returncode} before answering /health:\n{tail}")
+        if _healthy(url):
+            return
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-3000:]
+    limit = f"{MLFLOW_HEALTH_DEADLINE_S:.0f} s"
+    raise RuntimeError(f"mlflow server at {url} did not answer /health within {limit}:\n{tail}")
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server we started: its pid leads its own process group (the server and its worker)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # a worker that outlived the server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    root = tmp_path_factory.mktemp("mlflow")
+    (root / "artifacts").mkdir()
+    url = f"http://127.0.0.1:{_free_port()}"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner
+    for name in [n for n in env if n.startswith("MLFLOW_TRACKING_")]:
+        env.pop(name)
+    log = root / "server.log"
+    started = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_healthy(url, proc, log)
+        server = MlflowServer(url)
+        server.startup_s, server.log_path = time.monotonic() - started, log
+        yield server
+    finally:
+        _stop_group(proc)

@@ -50,7 +50,7 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_importing_the_cli_loads_no_heavy_sdk() -> None:
-    heavy = ("torch", "boto3", "github", "kubernetes", "pydantic")
+    heavy = ("torch", "boto3", "github", "kubernetes", "mlflow", "pydantic")
     code = f"import sys, gpuline.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

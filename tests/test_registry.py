@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gpuline.errors import InputError, NotFoundError, RefusedError
-from gpuline.registry import open_registry
+from gpuline.registry import Audit, StageChange, open_registry
 from gpuline.registry.local import LocalRegistry
 
 
@@ -74,6 +74,38 @@ def test_errors(registry: LocalRegistry, tmp_path: Path) -> None:
         registry.promote("m", 1, "prod")
     with pytest.raises(InputError) as err:
         open_registry("ftp://x", tmp_path)
-    assert "valid choices are file" in err.value.one_line()
+    assert "valid choices are file, mlflow, mlflow+http, mlflow+https, s3" in err.value.one_line()
     with pytest.raises(InputError, match="no scheme"):
         open_registry("plainpath", tmp_path)
+
+
+def test_backends_are_chosen_by_scheme_and_open_without_a_call(tmp_path: Path) -> None:
+    from gpuline.registry.mlflow import MlflowRegistry
+    from gpuline.registry.s3 import S3Registry
+
+    s3 = open_registry("s3://bucket/models", tmp_path)
+    assert isinstance(s3, S3Registry) and s3.store.uri_for("m") == "s3://bucket/models/m"
+    for uri, tracking in [
+        ("mlflow+http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("mlflow+https://h/p", "https://h/p"),
+    ]:
+        mlflow = open_registry(uri, tmp_path)
+        assert isinstance(mlflow, MlflowRegistry) and mlflow.tracking == tracking
+    assert open_registry("file://reg", tmp_path).secrets() == []
+
+
+def test_history_keeps_who_and_why_and_reads_older_files(registry: LocalRegistry) -> None:
+    register(registry, "r1", 0.9)
+    register(registry, "r2", 0.9)
+    registry.promote("m", 1, "production", reason="run r1")
+    registry.promote("m", 2, "production", audit=Audit(actor="alice", reason="gates passed", run_id="r2"))
+    registry.rollback("m", "production")
+    first, second, back = registry.history("m", "production")
+    assert (first.reason, first.actor) == ("run r1", "")
+    assert (second.actor, second.reason, second.run_id) == ("alice", "gates passed", "r2")
+    assert (back.action, back.reason) == ("rollback", "rollback")
+    # A history written before changes had an action: its rollbacks are known by their reason.
+    old = StageChange.model_validate(
+        {"model": "m", "stage": "production", "version": 1, "previous": 2, "reason": "rollback"}
+    )
+    assert old.action == "rollback"

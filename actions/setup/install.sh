@@ -5,6 +5,8 @@
 # command is added to PATH.
 #
 # Input (environment): GPULINE_EXTRAS, comma-separated extras such as "train" or "aws,github".
+# UV_TORCH_BACKEND (uv's own setting: cpu, cu126, auto...) picks which torch build the `train` extra
+# gets; the pr-fast tier sets cpu, so a CPU-only check never downloads the CUDA libraries.
 # Outputs: gpuline (path of the command), python (gpuline's venv python), version.
 set -euo pipefail
 
@@ -29,7 +31,7 @@ mkdir -p "$bin"
 # Every extra always includes github: the comment and runner steps need PyGithub.
 wanted="github${extras:+,$extras}"
 stamp="$root/installed"
-key="$source_dir [$wanted]"
+key="$source_dir [$wanted] torch:${UV_TORCH_BACKEND:-default}"
 if [ -x "$venv/bin/gpuline" ] && [ -f "$stamp" ] && grep -qxF -- "$key" "$stamp"; then
   echo "gpuline already installed from $source_dir with [$wanted]"
 else

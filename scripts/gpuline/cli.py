@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "rollback": ("gpuline.steps.rollback:run", "move a stage back to the version it held before"),
     "status": ("gpuline.steps.status:run", "show run records"),
+    "models": ("gpuline.steps.models:run", "show what each stage of a model holds now, and who moved it when"),
     "reap": ("gpuline.steps.reap:run", "find and release leaked machines and expired reservations"),
     "schema": ("gpuline.steps.schema:run", "print the JSON Schema of gpuline.yml or policy.yml"),
     "report": ("gpuline.steps.report:run", "GPU-hours, dollars, idle time and refusals per team and week"),
@@ -106,10 +107,20 @@ def _stage_args(p: argparse.ArgumentParser, env: Inputs) -> None:
     p.add_argument("--model", default=env.model, help="model name (default: from gpuline.yml)")
 
 
+def _rollback_args(p: argparse.ArgumentParser, env: Inputs) -> None:
+    _stage_args(p, env)
+    p.add_argument("--reason", default=env.rollback_reason, help="why, for the registry's history")
+
+
 def _status_args(p: argparse.ArgumentParser, env: Inputs) -> None:
     p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to show (default: the latest)")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--events", action="store_true", help="include each run's events")
+
+
+def _models_args(p: argparse.ArgumentParser, env: Inputs) -> None:
+    p.add_argument("model", nargs="?", default=env.model, metavar="MODEL", help="default: the model of gpuline.yml")
+    p.add_argument("--limit", type=int, default=20, help="history entries to show, newest first (0: all)")
 
 
 def _reap_args(p: argparse.ArgumentParser, env: Inputs) -> None:
@@ -138,8 +149,9 @@ _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser, Inputs], None]] = {
     "cost-estimate": _cost_args,
     "provision": _provision_args,
     "promote": _stage_args,
-    "rollback": _stage_args,
+    "rollback": _rollback_args,
     "status": _status_args,
+    "models": _models_args,
     "reap": _reap_args,
     "schema": _schema_args,
     "report": _report_args,

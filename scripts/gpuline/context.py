@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpuline import gha
 from gpuline.errors import ConfigError, InputError
 from gpuline.inputs import Inputs
 from gpuline.ledger import open_ledger
@@ -116,7 +117,11 @@ class Context:
 
     @cached_property
     def registry(self) -> ModelRegistry:
-        return open_registry(self.inputs.registry or self.backends.registry, self.project_dir)
+        """The model registry, its credentials masked in the log before any step uses it."""
+        registry = open_registry(self.inputs.registry or self.backends.registry, self.project_dir)
+        for secret in registry.secrets():
+            gha.mask(secret)
+        return registry
 
     @cached_property
     def storage(self) -> Storage:

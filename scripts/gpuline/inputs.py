@@ -48,6 +48,7 @@ class Inputs:
     comment_key: str | None = None
     approved_environment: str | None = None
     estimate_tier: str | None = None
+    rollback_reason: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Inputs:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuline.lease.runner import runs_on
+from gpuline.registry.base import ModelVersion, StageChange
 from gpuline.runs import GateVerdict, RunRecord
 
 
@@ -192,6 +193,11 @@ class PromoteResult(StepResult):
     version: int
     stage: str
     previous_version: int | None
+    # The audit the registry recorded with the change: who, when, why and from which workflow run.
+    actor: str = ""
+    reason: str = ""
+    at: str = ""
+    workflow_run_url: str = ""
     command: str = field(init=False, default="promote")
 
     def outputs(self) -> dict[str, object]:
@@ -204,6 +210,10 @@ class PromoteResult(StepResult):
             "version": self.version,
             "stage": self.stage,
             "previous_version": self.previous_version,
+            "actor": self.actor,
+            "reason": self.reason,
+            "at": self.at,
+            "workflow_run_url": self.workflow_run_url,
         }
 
 
@@ -274,13 +284,75 @@ class RollbackResult(StepResult):
     stage: str
     version: int | None
     replaced: int | None
+    actor: str = ""
+    reason: str = ""
+    at: str = ""
+    run_id: str = ""
+    workflow_run_url: str = ""
     command: str = field(init=False, default="rollback")
 
     def outputs(self) -> dict[str, object]:
         return {"version": self.version, "stage": self.stage}
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "stage": self.stage, "version": self.version, "replaced": self.replaced}
+        return {
+            "model": self.model,
+            "stage": self.stage,
+            "version": self.version,
+            "replaced": self.replaced,
+            "actor": self.actor,
+            "reason": self.reason,
+            "at": self.at,
+            "run_id": self.run_id,
+            "workflow_run_url": self.workflow_run_url,
+        }
+
+
+@dataclass
+class ModelView:
+    """One model as ``gpuline models`` shows it: what each stage holds now, and every change, newest first."""
+
+    model: str
+    stages: dict[str, ModelVersion | None]
+    history: list[StageChange]
+
+    def holder(self, stage: str) -> StageChange | None:
+        """The change that put the stage's current version there."""
+        return next((c for c in self.history if c.stage == stage), None)
+
+    def to_json(self) -> dict[str, Any]:
+        stages: dict[str, Any] = {}
+        for stage, version in self.stages.items():
+            last = self.holder(stage)
+            stages[stage] = (
+                None
+                if version is None
+                else {
+                    "version": version.version,
+                    "run_id": version.run_id,
+                    "artifacts_uri": version.artifacts_uri,
+                    "metrics": version.metrics,
+                    "since": last.at.isoformat() if last else None,
+                    "by": last.actor if last else None,
+                }
+            )
+        return {"model": self.model, "stages": stages, "history": [c.model_dump(mode="json") for c in self.history]}
+
+
+@dataclass
+class ModelsResult(StepResult):
+    registry: str
+    models: list[ModelView]
+    command: str = field(init=False, default="models")
+
+    def outputs(self) -> dict[str, object]:
+        if len(self.models) != 1:
+            return {}
+        held = self.models[0].stages
+        return {f"{stage}-version": v.version if v else "" for stage, v in held.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"registry": self.registry, "models": [m.to_json() for m in self.models]}
 
 
 @dataclass

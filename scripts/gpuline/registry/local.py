@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpuline.errors import InputError, NotFoundError, RefusedError
-from gpuline.registry.base import ModelVersion, StageChange
+from gpuline.errors import NotFoundError
+from gpuline.registry.base import Audit, ModelVersion, StageChange, check_model, check_stage, with_reason
+from gpuline.registry.stages import Decide, StageState, decode, encode, promoted, rolled_back
 
 
 def open_local(uri: str, base_dir: Path) -> LocalRegistry:
@@ -28,8 +29,11 @@ class LocalRegistry:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def secrets(self) -> list[str]:
+        return []
+
     def _model_dir(self, model: str) -> Path:
-        return self.root / model
+        return self.root / check_model(model)
 
     @contextmanager
     def _locked(self, model: str) -> Iterator[Path]:
@@ -40,13 +44,19 @@ class LocalRegistry:
             yield directory
 
     @staticmethod
-    def _write_json(path: Path, body: Any) -> None:
+    def _write_bytes(path: Path, body: bytes) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=2, default=str))
+        tmp.write_bytes(body)
         os.replace(tmp, path)
 
     def register(
-        self, model: str, artifacts_uri: str, run_id: str, metrics: dict[str, Any], lineage: dict[str, Any]
+        self,
+        model: str,
+        artifacts_uri: str,
+        run_id: str,
+        metrics: dict[str, Any],
+        lineage: dict[str, Any],
+        params: dict[str, Any] | None = None,
     ) -> ModelVersion:
         with self._locked(model) as directory:
             existing = [int(p.stem) for p in (directory / "versions").glob("*.json")]
@@ -61,14 +71,16 @@ class LocalRegistry:
                 run_id=run_id,
                 metrics=metrics,
                 lineage=lineage,
+                params=params or {},
             )
-            self._write_json(directory / "versions" / f"{mv.version}.json", mv.model_dump(mode="json"))
+            body = json.dumps(mv.model_dump(mode="json"), indent=2, default=str).encode()
+            self._write_bytes(directory / "versions" / f"{mv.version}.json", body)
             return mv
 
     def get(self, model: str, version: int) -> ModelVersion:
         path = self._model_dir(model) / "versions" / f"{version}.json"
         if not path.exists():
-            raise NotFoundError(f"model {model} has no version {version}", hint="list versions with `gpuline status`")
+            raise NotFoundError(f"model {model} has no version {version}", hint="list versions with `gpuline models`")
         return ModelVersion.model_validate_json(path.read_text())
 
     def versions(self, model: str) -> list[ModelVersion]:
@@ -78,55 +90,42 @@ class LocalRegistry:
         found = [ModelVersion.model_validate_json(p.read_text()) for p in directory.glob("*.json")]
         return sorted(found, key=lambda v: v.version)
 
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "versions").is_dir())
+
     def _stage_file(self, model: str, stage: str) -> Path:
+        check_stage(stage)
         return self._model_dir(model) / f"stage-{stage}.json"
 
-    def _stage_state(self, model: str, stage: str) -> tuple[list[int], list[StageChange]]:
-        """(stack of versions, newest last; log of changes) for one stage."""
+    def _state(self, model: str, stage: str) -> StageState:
         path = self._stage_file(model, stage)
-        if not path.exists():
-            return [], []
-        body = json.loads(path.read_text())
-        return list(body["stack"]), [StageChange.model_validate(c) for c in body["log"]]
-
-    def _save_stage(self, model: str, stage: str, stack: list[int], log: list[StageChange]) -> None:
-        body = {"stack": stack, "log": [c.model_dump(mode="json") for c in log]}
-        self._write_json(self._stage_file(model, stage), body)
+        return decode(path.read_bytes()) if path.exists() else StageState()
 
     def in_stage(self, model: str, stage: str) -> ModelVersion | None:
-        stack, _ = self._stage_state(model, stage)
-        return self.get(model, stack[-1]) if stack else None
+        current = self._state(model, stage).current
+        return self.get(model, current) if current is not None else None
 
-    def promote(self, model: str, version: int, stage: str, reason: str = "") -> StageChange:
-        _check_stage(stage)
+    def _move(self, model: str, stage: str, decide: Decide) -> StageChange:
+        with self._locked(model):
+            new, moved = decide(self._state(model, stage))
+            if new is not None:
+                self._write_bytes(self._stage_file(model, stage), encode(new))
+            return moved
+
+    def promote(
+        self, model: str, version: int, stage: str, reason: str = "", audit: Audit | None = None
+    ) -> StageChange:
+        check_stage(stage)
         self.get(model, version)
-        with self._locked(model):
-            stack, log = self._stage_state(model, stage)
-            current = stack[-1] if stack else None
-            change = StageChange(model=model, stage=stage, version=version, previous=current, reason=reason)
-            if current != version:  # promoting what is already there changes nothing (retries are safe)
-                self._save_stage(model, stage, [*stack, version], [*log, change])
-            return change
+        given = with_reason(audit, reason)
+        return self._move(model, stage, lambda state: promoted(state, model, stage, version, given))
 
-    def rollback(self, model: str, stage: str) -> StageChange:
-        _check_stage(stage)
-        with self._locked(model):
-            stack, log = self._stage_state(model, stage)
-            if not stack:
-                raise NotFoundError(f"model {model} has never been in {stage}", hint="nothing to roll back")
-            if len(stack) < 2:
-                raise RefusedError(
-                    f"{model} {stage} has no earlier version to roll back to (v{stack[-1]} was the first)",
-                    hint="promote another version instead",
-                )
-            change = StageChange(model=model, stage=stage, version=stack[-2], previous=stack[-1], reason="rollback")
-            self._save_stage(model, stage, stack[:-1], [*log, change])
-            return change
+    def rollback(self, model: str, stage: str, audit: Audit | None = None) -> StageChange:
+        check_stage(stage)
+        rolled_back(self._state(model, stage), model, stage, audit)  # nothing to go back to: no folder made
+        return self._move(model, stage, lambda state: rolled_back(state, model, stage, audit))
 
     def history(self, model: str, stage: str) -> list[StageChange]:
-        return self._stage_state(model, stage)[1]
-
-
-def _check_stage(stage: str) -> None:
-    if stage not in ("staging", "production"):
-        raise InputError(f"unknown stage {stage!r}", hint="use staging or production")
+        return self._state(model, stage).log

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from gpuline import gha
+from gpuline.registry.base import StageChange
 from gpuline.render.markdown import key_value_table, markdown_table, mermaid_line_chart
 from gpuline.results import (
     DataResult,
     EstimateResult,
     GateResult,
+    ModelsResult,
+    ModelView,
     PipelineResult,
     PreflightResult,
     PromoteResult,
@@ -117,8 +121,15 @@ def _promote(r: StepResult) -> str:
     assert isinstance(r, PromoteResult)
     return (
         f"### gpuline promote\n\n**{r.model} v{r.version}** is now **{r.stage}** "
-        f"(previously {_previous(r.previous_version)}).\n"
+        f"(previously {_previous(r.previous_version)}).\n" + _audit_line(r.actor, r.reason, r.workflow_run_url)
     )
+
+
+def _audit_line(actor: str, reason: str, url: str) -> str:
+    if not (actor or reason):
+        return ""
+    where = f" ([workflow run]({url}))" if url else ""
+    return f"\nBy **{actor or 'unknown'}**: {reason or 'no reason given'}{where}.\n"
 
 
 def _previous(version: int | None) -> str:
@@ -144,7 +155,52 @@ def _teardown(r: StepResult) -> str:
 
 def _rollback(r: StepResult) -> str:
     assert isinstance(r, RollbackResult)
-    return f"### gpuline rollback\n\n**{r.model}** {r.stage} is back to **v{r.version}** (was v{r.replaced}).\n"
+    return (
+        f"### gpuline rollback\n\n**{r.model}** {r.stage} is back to **v{r.version}** (was v{r.replaced}).\n"
+        + _audit_line(r.actor, r.reason, r.workflow_run_url)
+    )
+
+
+def _models(r: StepResult) -> str:
+    assert isinstance(r, ModelsResult)
+    if not r.models:
+        return f"### gpuline models\n\nNo models in the registry `{r.registry}`.\n"
+    return "### gpuline models\n\n" + "\n".join(_model_markdown(m) for m in r.models)
+
+
+def _model_markdown(m: ModelView) -> str:
+    held = []
+    for stage, version in m.stages.items():
+        last = m.holder(stage)
+        held.append(
+            (
+                stage,
+                f"v{version.version}" if version else "—",
+                f"`{version.run_id}`" if version else "",
+                _when(last.at) if last else "",
+                last.actor if last else "",
+            )
+        )
+    md = f"#### {m.model}\n\n" + markdown_table(("stage", "version", "run", "since", "by"), held) + "\n"
+    if m.history:
+        rows = [
+            (_when(c.at), c.stage, _what(c), c.actor, c.reason, _run_link(c.run_id, c.workflow_run_url))
+            for c in m.history
+        ]
+        md += "\n" + markdown_table(("when", "stage", "change", "by", "why", "run"), rows) + "\n"
+    return md
+
+
+def _when(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _what(c: StageChange) -> str:
+    return f"{c.action} → v{c.version}" if c.previous is None else f"{c.action} v{c.previous} → v{c.version}"
+
+
+def _run_link(run_id: str, url: str) -> str:
+    return f"[{run_id or 'workflow run'}]({url})" if url else run_id
 
 
 def _data(r: StepResult) -> str:
@@ -198,6 +254,27 @@ def _rollback_lines(r: StepResult, json_mode: bool) -> list[str]:
     return [f"{r.model} {r.stage}: v{r.replaced} -> v{r.version} (rolled back)"]
 
 
+def _models_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, ModelsResult)
+    if json_mode:
+        return []
+    if not r.models:
+        return [f"no models in the registry {r.registry}"]
+    lines: list[str] = []
+    for m in r.models:
+        lines.append(m.model)
+        for stage, version in m.stages.items():
+            last = m.holder(stage)
+            since = f"  since {_when(last.at)} by {last.actor or 'unknown'}" if last and version else ""
+            held = f"v{version.version}  {version.run_id}" if version else "-"
+            lines.append(f"  {stage:11} {held}{since}")
+        lines += (
+            [f"  {'WHEN':20} {'STAGE':11} {'CHANGE':22} {'BY':16} WHY"] if m.history else ["  no stage changes yet"]
+        )
+        lines += [f"  {_when(c.at):20} {c.stage:11} {_what(c):22} {c.actor:16} {c.reason}" for c in m.history]
+    return lines
+
+
 def _status_lines(r: StepResult, json_mode: bool) -> list[str]:
     assert isinstance(r, StatusResult)
     return [] if json_mode else status_table(r.records)
@@ -239,6 +316,7 @@ _MARKDOWN: dict[type[StepResult], Callable[[StepResult], str]] = {
     PromoteResult: _promote,
     TeardownResult: _teardown,
     RollbackResult: _rollback,
+    ModelsResult: _models,
     DataResult: _data,
 }
 
@@ -250,6 +328,7 @@ _LINES: dict[type[StepResult], Callable[[StepResult, bool], list[str]]] = {
     PromoteResult: _promote_lines,
     TeardownResult: _teardown_lines,
     RollbackResult: _rollback_lines,
+    ModelsResult: _models_lines,
     StatusResult: _status_lines,
     DataResult: _data_lines,
 }

@@ -1,13 +1,20 @@
-"""promote: register the run's model with its lineage and point a stage at it (the old one is kept)."""
+"""promote: register the run's model with its lineage and point a stage at it (the old one is kept).
+
+The stage change is audited in the registry's history: who (``GITHUB_ACTOR`` or the local user),
+when, why (the gate verdicts), the run and the workflow run.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from gpuline.context import Context
 from gpuline.errors import RefusedError
+from gpuline.registry import audit
 from gpuline.results import PromoteResult
 from gpuline.runs import RunRecord, model_prefix
+from gpuline.spec import Spec
 from gpuline.stage import recorded
 
 DEFAULT_STAGE = {"pr-fast": "staging", "nightly": "staging", "release": "production"}
@@ -28,20 +35,17 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
                 f"run {record.run_id} has not passed its eval gates",
                 hint="run `gpuline eval-gate` first; only a run whose gates pass can be promoted",
             )
-        lineage = {
-            **record.lineage.model_dump(),
-            "run_id": record.run_id,
-            "tier": record.tier,
-            "checkpoints": [c.model_dump() for c in record.checkpoints[-1:]],
-        }
-        version = ctx.registry.register(
+        registry = ctx.registry
+        version = registry.register(
             spec.model.name,
             ctx.storage.uri_for(model_prefix(record.run_id)),
             record.run_id,
             record.metrics,
-            lineage,
+            _lineage(record),
+            params=_params(spec, record),
         )
-        change = ctx.registry.promote(spec.model.name, version.version, stage, reason=f"run {record.run_id}")
+        why = audit.for_promotion(record.run_id, record.gates, record.lineage.workflow_run_url)
+        change = registry.promote(spec.model.name, version.version, stage, audit=why)
 
         def keep(r: RunRecord) -> None:
             r.promoted_version, r.promoted_stage = version.version, stage
@@ -53,6 +57,9 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
             version=version.version,
             stage=stage,
             previous=change.previous,
+            actor=change.actor,
+            reason=change.reason,
+            workflow_run_url=change.workflow_run_url,
         )
     return PromoteResult(
         run_id=record.run_id,
@@ -60,4 +67,22 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
         version=version.version,
         stage=stage,
         previous_version=change.previous,
+        actor=change.actor,
+        reason=change.reason,
+        at=change.at.isoformat(timespec="seconds"),
+        workflow_run_url=change.workflow_run_url,
     )
+
+
+def _lineage(record: RunRecord) -> dict[str, Any]:
+    return {
+        **record.lineage.model_dump(),
+        "run_id": record.run_id,
+        "tier": record.tier,
+        "checkpoints": [c.model_dump() for c in record.checkpoints[-1:]],
+    }
+
+
+def _params(spec: Spec, record: RunRecord) -> dict[str, Any]:
+    """What an experiment tracker shows as the version's params: hyperparameters and the config hash."""
+    return {**spec.hyperparameters, "config_hash": record.lineage.config_hash}

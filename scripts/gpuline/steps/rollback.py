@@ -1,4 +1,9 @@
-"""rollback: one step back to the version a stage held before its last promotion."""
+"""rollback: one step back to the version a stage held before its last promotion.
+
+Audited like a promotion: who, when, why (``GPULINE_ROLLBACK_REASON``), the run (``--run-id``, when
+one is given: the release that is being undone) and the workflow run, in the registry's history and,
+when a run is given, as its ``model.rolled_back`` event.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import argparse
 
 from gpuline.context import Context
 from gpuline.errors import InputError
+from gpuline.registry import audit
 from gpuline.results import RollbackResult
+
+NO_REASON = "no reason given"
 
 
 def run(ctx: Context, args: argparse.Namespace) -> RollbackResult:
@@ -17,5 +25,29 @@ def run(ctx: Context, args: argparse.Namespace) -> RollbackResult:
         except InputError:
             raise InputError("no model given", hint="pass --model NAME (or run next to a gpuline.yml)") from None
     stage = args.stage or "production"
-    change = ctx.registry.rollback(model, stage)
-    return RollbackResult(model=model, stage=stage, version=change.version, replaced=change.previous)
+    registry = ctx.registry
+    if ctx.run_id:
+        ctx.ledger.get_run(ctx.run_id)  # an unknown run is an input error, found before anything moves
+    why = audit.for_rollback(getattr(args, "reason", None) or NO_REASON, run_id=ctx.run_id or "")
+    change = registry.rollback(model, stage, audit=why)
+    if ctx.run_id:
+        ctx.event(
+            "model.rolled_back",
+            model=model,
+            stage=stage,
+            version=change.version,
+            replaced=change.previous,
+            actor=change.actor,
+            reason=change.reason,
+        )
+    return RollbackResult(
+        model=model,
+        stage=stage,
+        version=change.version,
+        replaced=change.previous,
+        actor=change.actor,
+        reason=change.reason,
+        at=change.at.isoformat(timespec="seconds"),
+        run_id=change.run_id,
+        workflow_run_url=change.workflow_run_url,
+    )

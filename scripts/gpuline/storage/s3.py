@@ -173,6 +173,16 @@ class S3Storage:
             raise checksum_mismatch(self.uri_for(key))
         return data
 
+    def get_bytes_and_etag(self, key: str) -> tuple[bytes, str]:
+        """The object and the ETag of that very version (for a later :meth:`put_if`), checked like get_bytes."""
+        with self._errors("get", key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data = response["Body"].read()
+        expected = response.get("Metadata", {}).get("sha256")
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise checksum_mismatch(self.uri_for(key))
+        return data, response["ETag"]
+
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
         keys: list[str] = []
