@@ -5,7 +5,11 @@
   ``gpuline/gpuline/actions/x@REF`` references and a consumer's ``uses: .../pr-fast.yml@v1`` resolve
   to this work tree.
 * Third-party actions pinned by SHA cannot be cloned here; each is mapped to a local stand-in: a no-op,
-  except upload/download-artifact, which copy through a folder so state really travels between jobs.
+  except checkout, which cleans the tree as a fresh checkout would, and upload/download-artifact,
+  which copy through a folder of that act run (artifacts belong to one workflow run), so state
+  really travels between its jobs and never between runs.
+* :meth:`Act.start` runs act in the background, so a test can end a workflow run midway as a
+  force-cancellation would.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +31,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SLUG = "gpuline/gpuline"
 SELF_REFS = ("main", "v1")
+# Jobs on GitHub-hosted runners run on this host.
+DEFAULT_PLATFORMS = ("ubuntu-latest=-self-hosted",)
 _PINNED = re.compile(r"uses:\s*([\w.-]+/[\w.-]+)(?:/[\w./-]+)?@([0-9a-f]{40})")
 
 _NOOP = """name: stand-in
@@ -32,6 +42,25 @@ runs:
   steps:
     - shell: bash
       run: echo "stand-in for {name} (act, offline)"
+"""
+_CHECKOUT = """name: stand-in checkout
+description: the commit as actions/checkout leaves it on a runner (its default clean true)
+inputs:
+  persist-credentials: {description: ignored, default: "true"}
+  fetch-depth: {description: ignored, default: "1"}
+  path: {description: ignored, default: ""}
+runs:
+  using: composite
+  steps:
+    - shell: bash
+      run: |
+        # A job's workspace here is act's copy of the repository folder, files outside git included;
+        # a job on GitHub starts from a fresh checkout. Removing untracked and ignored files (git
+        # clean -ffdx, what checkout's default clean does) means nothing left in that folder
+        # (.gpuline/ of an earlier run) reaches a job except through artifacts or shared backends.
+        if git -C "$GITHUB_WORKSPACE" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+          git -C "$GITHUB_WORKSPACE" clean -ffdxq
+        fi
 """
 _UPLOAD = """name: stand-in upload-artifact
 description: copies the files to a folder shared by the jobs of one act run
@@ -134,7 +163,9 @@ def stand_ins(root: Path, dest: Path) -> list[str]:
     for repo, sha in sorted(pinned):
         folder = dest / repo.replace("/", "-") / sha[:12]
         folder.mkdir(parents=True, exist_ok=True)
-        if repo == "actions/upload-artifact":
+        if repo == "actions/checkout":
+            text = _CHECKOUT
+        elif repo == "actions/upload-artifact":
             text = _UPLOAD
         elif repo == "actions/download-artifact":
             text = _DOWNLOAD
@@ -153,6 +184,39 @@ class ActResult:
 
 
 @dataclass
+class ActProcess:
+    """An act run in the background (its own process group), for a test that ends it midway."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    cache: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait until the log matches ``pattern``; fails when act ends first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.log())
+            if found:
+                return found
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"act never logged {pattern!r}:\n{self.log()[-6000:]}")
+
+    def kill(self, timeout: float = 60) -> ActResult:
+        """End the run at once, as a force-cancelled workflow run (or a lost runner) ends: act and every
+        step it started are killed, and no job runs after, ``if: always()`` ones included. (act treats
+        SIGINT like GitHub's cancel: it stops the job and still runs the always() jobs.)"""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+        return ActResult(self.process.returncode, self.log(), self.cache)
+
+
+@dataclass
 class Act:
     """One act setup: the gpuline snapshot, the stand-ins, and a cache folder of its own."""
 
@@ -167,6 +231,57 @@ class Act:
         init_repo(gpuline, remote=f"https://github.com/{SLUG}.git")
         return cls(binary, gpuline, tmp)
 
+    def _command(
+        self,
+        event: str,
+        workflow: str,
+        *,
+        event_file: Path | None,
+        job: str | None,
+        env: dict[str, str] | None,
+        secrets: dict[str, str] | None,
+        variables: dict[str, str] | None,
+        platforms: Sequence[str],
+        host_env: dict[str, str] | None,
+        verbose: bool = False,
+    ) -> tuple[list[str], dict[str, str], Path]:
+        cache = self.work / "act-cache"
+        # Artifacts belong to one workflow run, as on GitHub: every run starts with none.
+        artifacts = Path(tempfile.mkdtemp(prefix="act-artifacts-", dir=self.work))
+        argv = [
+            self.binary,
+            event,
+            "-W",
+            workflow,
+            "--action-offline-mode",
+            "--action-cache-path",
+            str(cache),
+            "--container-daemon-socket",
+            "-",
+            *stand_ins(self.gpuline, self.work / "stand-ins"),
+        ]
+        for platform in platforms:
+            argv += ["-P", platform]
+        for ref in SELF_REFS:
+            argv += ["--local-repository", f"{SLUG}@{ref}={self.gpuline}"]
+        if event_file is not None:
+            argv += ["-e", str(event_file)]
+        if job is not None:
+            argv += ["-j", job]
+        if verbose:
+            argv.append("--verbose")  # also logs every expression act evaluated, e.g. a job's runs-on
+        for key, value in (env or {}).items():
+            argv += ["--env", f"{key}={value}"]
+        for key, value in (secrets or {}).items():
+            argv += ["-s", f"{key}={value}"]
+        for key, value in (variables or {}).items():
+            argv += ["--var", f"{key}={value}"]
+        # Host mode runs steps with this process's environment: uv and python from the test venv first.
+        environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        environ.update(host_env or {})
+        environ["GPULINE_ACT_ARTIFACTS"] = str(artifacts)
+        return argv, environ, cache
+
     def run(
         self,
         repo: Path,
@@ -177,37 +292,40 @@ class Act:
         job: str | None = None,
         env: dict[str, str] | None = None,
         secrets: dict[str, str] | None = None,
+        variables: dict[str, str] | None = None,
+        platforms: Sequence[str] = DEFAULT_PLATFORMS,
+        host_env: dict[str, str] | None = None,
+        verbose: bool = False,
         timeout: int = 540,
     ) -> ActResult:
-        cache = self.work / "act-cache"
-        artifacts = self.work / "act-artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        argv = [
-            self.binary,
-            event,
-            "-W",
-            workflow,
-            "-P",
-            "ubuntu-latest=-self-hosted",
-            "--action-offline-mode",
-            "--action-cache-path",
-            str(cache),
-            "--container-daemon-socket",
-            "-",
-            *stand_ins(self.gpuline, self.work / "stand-ins"),
-        ]
-        for ref in SELF_REFS:
-            argv += ["--local-repository", f"{SLUG}@{ref}={self.gpuline}"]
-        if event_file is not None:
-            argv += ["-e", str(event_file)]
-        if job is not None:
-            argv += ["-j", job]
-        for key, value in (env or {}).items():
-            argv += ["--env", f"{key}={value}"]
-        for key, value in (secrets or {}).items():
-            argv += ["-s", f"{key}={value}"]
-        # Host mode runs steps with this process's environment: uv and python from the test venv first.
-        host_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-        host_env["GPULINE_ACT_ARTIFACTS"] = str(artifacts)
-        out = subprocess.run(argv, cwd=repo, env=host_env, capture_output=True, text=True, timeout=timeout, check=False)
+        argv, environ, cache = self._command(
+            event, workflow, event_file=event_file, job=job, env=env, secrets=secrets, variables=variables,
+            platforms=platforms, host_env=host_env, verbose=verbose,
+        )  # fmt: skip
+        out = subprocess.run(argv, cwd=repo, env=environ, capture_output=True, text=True, timeout=timeout, check=False)
         return ActResult(out.returncode, out.stdout + out.stderr, cache)
+
+    def start(
+        self,
+        repo: Path,
+        event: str,
+        workflow: str,
+        *,
+        log_path: Path,
+        event_file: Path | None = None,
+        env: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+        variables: dict[str, str] | None = None,
+        platforms: Sequence[str] = DEFAULT_PLATFORMS,
+        host_env: dict[str, str] | None = None,
+    ) -> ActProcess:
+        """Start act in the background; end it with :meth:`ActProcess.kill`."""
+        argv, environ, cache = self._command(
+            event, workflow, event_file=event_file, job=None, env=env, secrets=secrets, variables=variables,
+            platforms=platforms, host_env=host_env,
+        )  # fmt: skip
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv, cwd=repo, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return ActProcess(process, log_path, cache)

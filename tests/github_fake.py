@@ -1,7 +1,8 @@
 """A stateful fake of the parts of GitHub's REST API that gpuline uses, on pytest-httpserver.
 
 It follows GitHub's published contract: issue comments (list with Link pagination, create, update,
-delete), JIT runner configs and runners, file contents at a ref, deployments and their statuses.
+delete), JIT runner configs and runners, file contents at a ref, deployments and their statuses, and
+workflow runs (only those a test marked finished; any other is 404).
 Every ``url`` it returns points back at the fake, so PyGithub's object chains keep working.
 
 When GitHub's own OpenAPI description is installed (npm ``@octokit/openapi``), every request is
@@ -141,6 +142,10 @@ class FakeGitHub:
     runners: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     contents: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
     deployments: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    # (repo, run id) -> the workflow run as GET .../actions/runs/{id} answers it (status, conclusion).
+    workflow_runs: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    # runner name -> the encoded_jit_config handed out for it, as the machine would receive it.
+    jit_configs: dict[str, str] = field(default_factory=dict)
     statuses: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -156,6 +161,10 @@ class FakeGitHub:
 
     def put_file(self, repo: str, ref: str, path: str, text: str) -> None:
         self.contents[(repo, ref, path)] = text.encode()
+
+    def finish_workflow_run(self, repo: str, run_id: int, conclusion: str = "cancelled") -> None:
+        """GitHub's record of a workflow run that ended (a cancelled run ends ``completed``)."""
+        self.workflow_runs[(repo, run_id)] = {"status": "completed", "conclusion": conclusion}
 
     def comments_on(self, repo: str, number: int) -> list[dict[str, Any]]:
         return self.comments.get((repo, number), [])
@@ -221,6 +230,7 @@ class FakeGitHub:
             ("POST", r"(?:/repos/([^/]+/[^/]+)|/orgs/([^/]+))/actions/runners/generate-jitconfig", self._jit),
             ("GET", r"(?:/repos/([^/]+/[^/]+)|/orgs/([^/]+))/actions/runners", self._list_runners),
             ("DELETE", r"(?:/repos/([^/]+/[^/]+)|/orgs/([^/]+))/actions/runners/(\d+)", self._delete_runner),
+            ("GET", rf"{repo}/actions/runs/(\d+)", self._get_workflow_run),
         ]
 
     # ------------------------------------------------------------ helpers
@@ -377,6 +387,7 @@ class FakeGitHub:
         runner = {"id": next(self._ids), "name": body["name"], "labels": body["labels"], "status": "offline"}
         runners[runner["id"]] = runner
         config = base64.b64encode(json.dumps({"runner": runner["id"], "secret": "jit-" + os.urandom(8).hex()}).encode())
+        self.jit_configs[runner["name"]] = config.decode()
         return self._json({"runner": self._runner_json(runner), "encoded_jit_config": config.decode()}, 201)
 
     def _list_runners(self, request: Request, body: Any, repo: str | None, org: str | None) -> Response:
@@ -392,6 +403,22 @@ class FakeGitHub:
             return self._error(404, "Not Found")
         del runners[int(rid)]
         return Response(status=204)
+
+    def _get_workflow_run(self, request: Request, body: Any, repo: str, run_id: str) -> Response:
+        found = self.workflow_runs.get((repo, int(run_id)))
+        if found is None:
+            return self._error(404, "Not Found")
+        return self._json(
+            {
+                "id": int(run_id),
+                "name": "workflow",
+                "head_branch": "main",
+                "event": "workflow_dispatch",
+                **found,
+                "url": f"{self.base_url}/repos/{repo}/actions/runs/{run_id}",
+                "html_url": f"{self.base_url}/{repo}/actions/runs/{run_id}",
+            }
+        )
 
 
 def serve(httpserver: Any, contract: OpenApiContract | None, prefix: str = "") -> FakeGitHub:

@@ -20,7 +20,7 @@ COMMAND_ACTIONS = [a for a in ACTIONS if a.name != "setup"]
 CONTRACT = {
     "preflight": ("preflight", {"run-id", "verdict"}),
     "cost-estimate": ("cost-estimate", {"run-id", "usd", "gpu-hours", "decision", "comment-path"}),
-    "provision-gpu": ("provision", {"run-id", "runner-label", "lease-id", "instance-id", "expires-at"}),
+    "provision-gpu": ("provision", {"run-id", "runner-label", "runs-on", "lease-id", "instance-id", "expires-at"}),
     "train": ("train", {"run-id", "final-step", "resumed-from"}),
     "eval-gate": ("eval-gate", {"verdict", "report-path"}),
     "promote": ("promote", {"version", "stage"}),
@@ -99,6 +99,27 @@ def test_every_action_installs_gpuline_exactly_as_setup_does(action: Path) -> No
 
     assert shared(steps(action)) == shared(steps(ROOT / "actions/setup"))
     assert steps(action)[1]["run"] == '"$GITHUB_ACTION_PATH/../setup/install.sh"'
+
+
+@pytest.mark.parametrize(
+    ("action", "input_name", "variable"),
+    [
+        ("cost-estimate", "labels", "GPULINE_PR_LABELS"),
+        ("cost-estimate", "approved-environment", "GPULINE_APPROVED_ENVIRONMENT"),
+        ("provision-gpu", "github-token", "GPULINE_GITHUB_TOKEN"),
+        ("teardown", "github-token", "GPULINE_GITHUB_TOKEN"),
+    ],
+)
+def test_approvals_and_the_runner_token_reach_the_command(action: str, input_name: str, variable: str) -> None:
+    run = next(s for s in steps(ROOT / "actions" / action) if s.get("id") == "run")
+    assert run["env"][variable] == f"${{{{ inputs.{input_name} }}}}"
+
+
+@pytest.mark.parametrize("action", COMMAND_ACTIONS, ids=ids(COMMAND_ACTIONS))
+def test_every_action_can_install_the_cloud_sdks(action: Path) -> None:
+    # boto3 for ec2 and the DynamoDB/S3 backends, the Kubernetes client: extras a step asks for.
+    assert "extras" in meta(action)["inputs"]
+    assert steps(action)[1]["env"]["GPULINE_EXTRAS"] == "${{ inputs.extras }}"
 
 
 def test_only_training_actions_default_to_torch() -> None:
@@ -256,3 +277,19 @@ def test_setup_needs_runner_temp(tmp_path: Path) -> None:
     script = ROOT / "actions/setup/install.sh"
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=False)
     assert result.returncode != 0 and "RUNNER_TEMP" in result.stderr
+
+
+def test_the_uv_cache_key_follows_the_project_s_dependencies() -> None:
+    # A fixed key ("") saves the first cache and serves it forever, whatever the project later needs.
+    for action in ACTIONS:
+        for step in steps(action):
+            if str(step.get("uses", "")).startswith("astral-sh/setup-uv@"):
+                globs = str(step["with"]["cache-dependency-glob"]).split()
+                assert {"**/requirements*.txt", "**/pyproject.toml", "**/uv.lock"} <= set(globs), action.name
+
+
+def test_the_cpu_tier_installs_the_cpu_build_of_torch() -> None:
+    tier = yaml.safe_load((ROOT / ".github/workflows/pr-fast.yml").read_text())
+    assert tier["env"]["UV_TORCH_BACKEND"] == "cpu"
+    # A different torch build is a different install: the install script's stamp says which.
+    assert "UV_TORCH_BACKEND" in (ROOT / "actions/setup/install.sh").read_text()

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,9 @@ def test_pr_fast_is_safe_for_forks() -> None:
     for step_id in ("preflight", "cost"):
         assert steps[step_id]["with"]["policy-ref"] == "${{ github.base_ref }}"
     assert steps["cost"]["with"]["reserve"] == "false"
+    # Its run record stays on the runner: a shared ledger would need credentials a fork PR never gets.
+    for step_id in ("preflight", "cost"):
+        assert steps[step_id]["with"]["ledger"] == "sqlite:///${{ runner.temp }}/gpuline-pr/ledger.db"
     comment = data["jobs"]["comment"]
     assert comment["permissions"] == {"pull-requests": "write"}
     assert not any("checkout" in str(s.get("uses", "")) for s in comment["steps"])  # never runs PR code
@@ -182,14 +187,112 @@ def test_the_guard_script_refuses_what_it_should() -> None:
 @pytest.mark.parametrize("name", ["nightly", "release"])
 def test_gpu_tiers_train_on_the_provisioned_runner_and_always_tear_down(name: str) -> None:
     jobs = tier(name)["jobs"]
-    assert jobs["train"]["runs-on"] == "${{ needs.provision.outputs.runner-label }}"
-    assert jobs["provision"]["outputs"]["runner-label"] == (
-        "${{ inputs.gpu-runner-label || steps.provision.outputs.runner-label }}"
+    # The train job runs where provision says (its JSON `runs-on`), or on the runner the caller named.
+    assert jobs["train"]["runs-on"] == "${{ fromJSON(needs.provision.outputs.runs-on) }}"
+    assert jobs["provision"]["outputs"]["runs-on"] == (
+        "${{ inputs.gpu-runner-label != '' && format('[{0}]', toJSON(inputs.gpu-runner-label))"
+        " || steps.provision.outputs.runs-on }}"
     )
+    provision = next(s for s in jobs["provision"]["steps"] if s.get("id") == "provision")
+    assert provision["with"]["github-token"] == "${{ secrets.runner-token }}"
+    assert "runner-label" not in provision["with"]  # derived from the run id
     assert jobs["teardown"]["if"].startswith("${{ always()")
     assert set(_needs(jobs["teardown"])) >= {"plan", "provision", "train", "gate", "promote"}
-    uses = [s.get("uses", "") for s in jobs["teardown"]["steps"]]
-    assert any(u.startswith(f"{release_refs.SLUG}/actions/teardown@") for u in uses)
+    teardown = next(s for s in jobs["teardown"]["steps"] if s.get("id") == "teardown")
+    assert teardown["uses"].startswith(f"{release_refs.SLUG}/actions/teardown@")
+    assert teardown["with"]["github-token"] == "${{ secrets.runner-token }}"
+
+
+def _gpuline_steps(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(job, step) for every step of a tier that runs gpuline: an action of its own, or a run: step."""
+    found = []
+    for job_name, job in data["jobs"].items():
+        for step in job.get("steps") or []:
+            uses = str(step.get("uses", ""))
+            action = uses.startswith(f"{release_refs.SLUG}/actions/") and "/actions/setup@" not in uses
+            if action or re.search(r"\bgpuline (status|rollback|reap)\b", str(step.get("run", ""))):
+                found.append((job_name, step))
+    return found
+
+
+@pytest.mark.parametrize("name", ["nightly", "release"])
+def test_every_gpuline_step_gets_the_backends_itself(name: str) -> None:
+    # A step's env: always sets its variables, empty ones included, so a workflow-level
+    # GPULINE_LEDGER is hidden by an action's empty `ledger` input: each step gets them itself.
+    data = tier(name)
+    assert not any(k.startswith("GPULINE_") for k in (data.get("env") or {}))
+    steps = _gpuline_steps(data)
+    assert len(steps) >= 7
+    for job_name, step in steps:
+        given = (
+            step.get("with")
+            if "uses" in step
+            else {k.removeprefix("GPULINE_").lower(): v for k, v in (step.get("env") or {}).items()}
+        )
+        for backend in ("ledger", "registry", "storage"):
+            assert given.get(backend) == f"${{{{ inputs.{backend} }}}}", f"{job_name}: {step.get('name')} {backend}"
+
+
+@pytest.mark.parametrize("name", ["nightly", "release"])
+def test_every_gpuline_step_installs_the_cloud_sdks(name: str) -> None:
+    # boto3 (ec2, DynamoDB, S3) and the Kubernetes client are extras: each step installs them.
+    data = tier(name)
+    assert data["on"]["workflow_call"]["inputs"]["cloud-extras"]["default"] == "aws,kubernetes"
+    for job_name, step in _gpuline_steps(data):
+        if "uses" not in step:
+            continue
+        extras = step["with"]["extras"]
+        if step["uses"].split("@")[0].endswith(("/preflight", "/train")):
+            assert extras == "${{ steps.state.outputs.extras }}", job_name  # your extras and the SDKs
+        else:
+            assert extras == "${{ inputs.cloud-extras }}", f"{job_name}: {step.get('name')}"
+    for job in data["jobs"].values():
+        for step in job.get("steps") or []:
+            if "/actions/setup@" in str(step.get("uses", "")):
+                assert step["with"]["extras"] == "${{ inputs.cloud-extras }}"
+
+
+def test_the_plan_jobs_extras_join_yours_and_the_cloud_sdks(tmp_path: Path) -> None:
+    script = next(s for s in tier("nightly")["jobs"]["plan"]["steps"] if s.get("id") == "state")["run"]
+
+    def extras(mine: str, cloud: str) -> str:
+        out = tmp_path / "out"
+        out.write_text("")
+        env = {"PATH": os.environ["PATH"], "CONFIG": "gpuline.yml", "WORKDIR": ".", "EXTRAS": mine,
+               "CLOUD_EXTRAS": cloud, "GITHUB_OUTPUT": str(out)}  # fmt: skip
+        subprocess.run(["bash", "-c", script], env=env, check=True)
+        return dict(line.split("=", 1) for line in out.read_text().splitlines())["extras"]
+
+    assert extras("train", "aws,kubernetes") == "train,aws,kubernetes"
+    assert extras("", "aws") == "aws"
+    assert extras("train", "") == "train"
+    assert extras("", "") == ""
+
+
+@pytest.mark.parametrize("name", ["nightly", "release"])
+def test_the_plan_job_passes_the_approvals_policy_yml_accepts(name: str) -> None:
+    plan = tier(name)["jobs"]["plan"]
+    cost = next(s for s in plan["steps"] if s.get("id") == "cost")
+    assert cost["with"]["labels"] == "${{ join(github.event.pull_request.labels.*.name, ',') }}"
+    if name == "release":
+        # The plan job runs in the environment the caller names; that name is the approval.
+        assert plan["environment"] == "${{ inputs.approval-environment }}"
+        assert cost["with"]["approved-environment"] == "${{ inputs.approval-environment }}"
+        assert tier(name)["on"]["workflow_call"]["inputs"]["approval-environment"]["default"] == ""
+    else:
+        assert "environment" not in plan and "approved-environment" not in cost["with"]
+
+
+def test_pr_comments_use_the_default_key_in_every_tier() -> None:
+    # One sticky comment per config: no step picks a key of its own, and every comment step names
+    # the config the same way (the key is the config path).
+    for name in ("pr-fast", "nightly", "release"):
+        text = (WORKFLOWS / f"{name}.yml").read_text(encoding="utf-8")
+        assert "GPULINE_COMMENT_KEY" not in text and "--key" not in text
+        for job in tier(name)["jobs"].values():
+            for step in job.get("steps") or []:
+                if "gpuline comment" in str(step.get("run", "")):
+                    assert step["env"]["GPULINE_CONFIG"] == "${{ inputs.config }}"
 
 
 def test_release_promotes_to_production_behind_an_environment_and_rolls_back() -> None:
@@ -454,40 +557,316 @@ def test_act_pr_fast_without_a_token_skips_the_comment_and_passes(
     assert fake_github.requests == []
 
 
-NIGHTLY_CALLER = """\
-name: gpuline nightly
-on: workflow_dispatch
-permissions: {}
-jobs:
-  gpuline:
-    uses: gpuline/gpuline/.github/workflows/nightly.yml@v1
-    permissions:
-      contents: read
-      id-token: write
-      deployments: write
-      pull-requests: write
-    with:
-      config: gpuline.yml
-      gpu-runner-label: ubuntu-latest
-      python: path
-      extras: ""
-"""
+def caller(tier_name: str, on: str, with_: dict[str, str]) -> str:
+    """A consumer's caller of a GPU tier (the templates' permissions, these inputs)."""
+    lines = [
+        f"name: gpuline {tier_name}",
+        f"on: {on}",
+        "permissions: {}",
+        "jobs:",
+        "  gpuline:",
+        f"    uses: gpuline/gpuline/.github/workflows/{tier_name}.yml@v1",
+        "    permissions:",
+        "      contents: read",
+        "      id-token: write",
+        "      deployments: write",
+        "      pull-requests: write",
+        "    with:",
+        "      config: gpuline.yml",
+        *(f"      {key}: {json.dumps(value)}" for key, value in with_.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# The runner's python (this test's, with the example's packages) and no cloud SDKs: the example runs
+# on the local provider with local backends, so nothing needs torch or boto3 installed again.
+FAST = {"python": "path", "extras": "", "cloud-extras": ""}
+GPU_JOBS = ("preflight and cost estimate", "provision GPU", "train", "eval gate", "promote to staging", "teardown")
+PR = 7
+
+
+def explain(log: str) -> str:
+    """What a failed act run says: its errors and failed steps, then its last lines (debug lines left out)."""
+    lines = [line for line in log.splitlines() if "[DEBUG]" not in line and "level=debug" not in line]
+    errors = [line for line in lines if re.search(r"::error|❌|Traceback|error:", line) and 'echo "::error' not in line]
+    return "\n".join(errors[-60:]) + "\n----- last lines -----\n" + "\n".join(lines[-60:])
+
+
+def job_succeeded(log: str, tier_name: str, job: str) -> bool:
+    return re.search(rf"{tier_name}/{re.escape(job)}[^\]]*\]\s+🏁  Job succeeded", log) is not None
+
+
+def evaluated_runs_on(log: str, job: str = "train") -> list[str] | None:
+    """The labels act evaluated for a job's runs-on from provision's output (logged with --verbose)."""
+    found = re.search(
+        rf"/{re.escape(job)}\s*\] \[DEBUG\] expression "
+        r"'\$\{\{ fromJSON\(needs\.provision\.outputs\.runs-on\) \}\}' evaluated to '\[(?P<labels>.*)\]'",
+        log,
+    )
+    return re.findall(r"string=([^)]+)\)", found.group("labels")) if found else None
+
+
+def pr_event(path: Path, number: int, labels: tuple[str, ...] = (), inputs: dict[str, str] | None = None) -> Path:
+    pr = {
+        "number": number,
+        "base": {"ref": "main"},
+        "head": {"ref": "feature", "repo": {"full_name": "acme/vision"}},
+        "labels": [{"name": name} for name in labels],
+    }
+    body: dict[str, Any] = {"pull_request": pr, "repository": {"full_name": "acme/vision"}}
+    if inputs is not None:
+        body["inputs"] = inputs
+    path.write_text(json.dumps(body))
+    return path
+
+
+@dataclass
+class PrRuns:
+    """pr-fast, then the nightly tier, for one pull request of the repository itself."""
+
+    repo: Path
+    pr_fast: Any
+    nightly: Any
+    fake: FakeGitHub
+
+
+@pytest.fixture(scope="module")
+def github_server(openapi_contract: Any) -> Iterator[Any]:
+    """A GitHub fake of this module's own, for act runs shared by several tests."""
+    from pytest_httpserver import HTTPServer
+
+    server = HTTPServer(host="127.0.0.1", port=0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.clear()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def pr_runs(
+    act_setup: Act, tmp_path_factory: pytest.TempPathFactory, github_server: Any, openapi_contract: Any
+) -> PrRuns:
+    if not honours_gpuline_python():
+        pytest.skip("the example's train.py needs numpy/torch from the runner's python: needs GPULINE_PYTHON support")
+    from github_fake import serve
+
+    github_server.clear()
+    fake = serve(github_server, openapi_contract)
+    root = tmp_path_factory.mktemp("pr-runs")
+    repo = consumer_repo(root, act_setup)
+    # The same repository also trains its PRs on the nightly tier (same-repo PRs only: the guard).
+    (repo / ".github/workflows/nightly.yml").write_text(caller("nightly", "pull_request", FAST))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "nightly on PRs")
+    event = pr_event(root / "event.json", PR)
+    env = {"GITHUB_API_URL": fake.base_url, "GPULINE_GITHUB_RETRIES": "0"}
+    secrets = {"GITHUB_TOKEN": "ghs_" + "1" * 36}
+    pr_fast = act_setup.run(
+        repo, "pull_request", ".github/workflows/pr.yml", event_file=event, env=env, secrets=secrets
+    )
+    nightly = act_setup.run(
+        repo, "pull_request", ".github/workflows/nightly.yml", event_file=event, env=env, secrets=secrets, verbose=True
+    )
+    return PrRuns(repo, pr_fast, nightly, fake)
 
 
 @pytest.mark.slow
-def test_act_nightly_tier_carries_the_run_from_job_to_job(act_setup: Act, tmp_path: Path) -> None:
+def test_act_nightly_trains_on_the_runner_provision_names(pr_runs: PrRuns) -> None:
+    # Break 1: no gpu-runner-label, so the train job's runs-on is provision's `runs-on` output (the
+    # local provider: this workflow's usual runners), not a label nothing answers to.
+    log = pr_runs.nightly.log
+    assert pr_runs.nightly.returncode == 0, explain(log)
+    assert evaluated_runs_on(log) == ["ubuntu-latest"], explain(log)
+    for name in GPU_JOBS:
+        assert job_succeeded(log, "nightly", name), name
+
+
+@pytest.mark.slow
+def test_act_nightly_tier_carries_the_run_from_job_to_job(pr_runs: PrRuns) -> None:
+    # Each job starts from a clean checkout (act_harness), so the run reaches train, the gate and
+    # teardown only through the state artifact (carry-state: true, the default).
+    log = pr_runs.nightly.log
+    assert pr_runs.nightly.returncode == 0, explain(log)
+    assert "Restore the run state" in log
+    assert "gpuline eval gate: pass" in log
+
+
+@pytest.mark.slow
+def test_act_estimate_and_actual_land_in_one_pr_comment(pr_runs: PrRuns) -> None:
+    # Break 8: pr-fast writes preflight and estimate, the nightly tier's teardown adds the actual
+    # cost: one gpuline comment per config on the PR, whichever workflow wrote to it.
+    assert pr_runs.pr_fast.returncode == 0, explain(pr_runs.pr_fast.log)
+    assert pr_runs.nightly.returncode == 0, explain(pr_runs.nightly.log)
+    comments = pr_runs.fake.comments_on("acme/vision", PR)
+    assert len(comments) == 1, [c["body"][:200] for c in comments]
+    body = comments[0]["body"]
+    for section in ("preflight", "estimate", "actual"):
+        assert f"gpuline:section {section}" in body, body
+    # The actual cost of the run that trained (not of one stopped before its GPU job).
+    assert re.search(r"\*\*Actual:\*\* \$[0-9.]+, .*run succeeded", body), body
+    assert pr_runs.fake.violations == []
+
+
+# ---------------------------------------------------------------- shared backends, no carried state
+
+
+@dataclass
+class SharedRun:
+    repo: Path
+    shared: Path
+    result: Any
+    fake: FakeGitHub
+
+
+@pytest.fixture(scope="module")
+def shared_run(
+    act_setup: Act, tmp_path_factory: pytest.TempPathFactory, github_server: Any, openapi_contract: Any
+) -> SharedRun:
+    """The nightly tier with its backends given as inputs, outside the project, and no state carried
+    between jobs: only the backends can join them. On an existing runner (gpu-runner-label)."""
     if not honours_gpuline_python():
         pytest.skip("the example's train.py needs numpy/torch from the runner's python: needs GPULINE_PYTHON support")
-    repo = tmp_path / "consumer"
+    from github_fake import serve
+
+    github_server.clear()
+    fake = serve(github_server, openapi_contract)
+    root = tmp_path_factory.mktemp("shared-run")
+    shared = root / "shared"
+    repo = root / "consumer"
     example_into(repo)
+    inputs = {
+        **FAST,
+        "carry-state": "false",
+        "gpu-runner-label": "ubuntu-latest",
+        "ledger": f"sqlite:///{shared}/ledger.db",
+        "registry": (shared / "registry").as_uri(),
+        "storage": (shared / "artifacts").as_uri(),
+    }
     (repo / ".github/workflows").mkdir(parents=True)
-    (repo / ".github/workflows/nightly.yml").write_text(NIGHTLY_CALLER)
+    (repo / ".github/workflows/nightly.yml").write_text(
+        caller("nightly", "pull_request", inputs).replace('"false"', "false")
+    )
     (repo / ".gitignore").write_text(".gpuline/\n__pycache__/\n")
     init_repo(repo)
-    result = act_setup.run(repo, "workflow_dispatch", ".github/workflows/nightly.yml")
-    assert result.returncode == 0, result.log[-8000:]
-    names = ("preflight and cost estimate", "provision GPU", "train", "eval gate", "promote to staging", "teardown")
-    for name in names:
-        assert re.search(rf"nightly/{re.escape(name)}[^\]]*\]\s+🏁  Job succeeded", result.log), name
-    assert "gpuline eval gate: pass" in result.log
-    assert "Restore the run state" in result.log
+    event = pr_event(root / "event.json", PR + 1)
+    result = act_setup.run(
+        repo,
+        "pull_request",
+        ".github/workflows/nightly.yml",
+        event_file=event,
+        env={"GITHUB_API_URL": fake.base_url, "GPULINE_GITHUB_RETRIES": "0"},
+        secrets={"GITHUB_TOKEN": "ghs_" + "2" * 36},
+        verbose=True,
+    )
+    return SharedRun(repo, shared, result, fake)
+
+
+@pytest.mark.slow
+def test_act_shared_backends_reach_every_step_without_carried_state(shared_run: SharedRun) -> None:
+    # Break 2: every step gets ledger/registry/storage through `with:`; nothing falls back to the
+    # project's .gpuline/ (each job's fresh checkout has none), so train finds the run plan created.
+    from gpuline.ledger import open_ledger
+    from gpuline.registry import open_registry
+
+    log = shared_run.result.log
+    assert shared_run.result.returncode == 0, explain(log)
+    for name in GPU_JOBS:
+        assert job_succeeded(log, "nightly", name), name
+    assert "Run Main Restore the run state" not in log  # carry-state: false
+    # gpu-runner-label given: the train job runs there, provision starts nothing.
+    assert evaluated_runs_on(log) == ["ubuntu-latest"]
+    ledger = open_ledger(f"sqlite:///{shared_run.shared}/ledger.db", shared_run.repo)
+    (record,) = ledger.list_runs()
+    assert record.status == "succeeded" and record.promoted_stage == "staging"
+    assert record.checkpoints and all(str(shared_run.shared / "artifacts") in c.uri for c in record.checkpoints)
+    registry = open_registry((shared_run.shared / "registry").as_uri(), shared_run.repo)
+    assert registry.in_stage(record.model, "staging") is not None
+    assert not (shared_run.repo / ".gpuline/ledger.db").exists()
+    assert not (shared_run.repo / ".gpuline/registry").exists()
+
+
+@pytest.mark.slow
+def test_act_actual_cost_reaches_the_pr_comment_without_carried_state(shared_run: SharedRun) -> None:
+    # With shared backends the run needs no carried state, and teardown's actual cost still belongs
+    # in the PR's comment: teardown runs on a fresh runner, where only the backends know the run.
+    assert shared_run.result.returncode == 0, explain(shared_run.result.log)
+    comments = shared_run.fake.comments_on("acme/vision", PR + 1)
+    assert len(comments) == 1, "teardown wrote no actual cost to the PR"
+    assert "gpuline:section actual" in comments[0]["body"] and "**Actual:**" in comments[0]["body"]
+    assert shared_run.fake.violations == []
+
+
+# ---------------------------------------------------------------- approvals (break 6)
+
+# A run that needs an approval: the team's hard GPU-hour budget is below what the run may use
+# (20 minutes of the one CPU device), so cost-estimate denies it unless policy.yml's approval is given.
+APPROVAL_POLICY = """\
+version: 1
+budgets:
+  period: week
+  teams:
+    vision:
+      gpu_hours: {hard: 0.01}
+approval:
+  label: gpu-budget-approved
+  environment: gpu-approval
+"""
+
+
+@pytest.fixture(scope="module")
+def approval_repo(act_setup: Act, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not honours_gpuline_python():
+        pytest.skip("the example's train.py needs numpy/torch from the runner's python: needs GPULINE_PYTHON support")
+    repo = tmp_path_factory.mktemp("approvals") / "consumer"
+    example_into(repo)
+    (repo / "policy.yml").write_text(APPROVAL_POLICY)
+    (repo / ".gitignore").write_text(".gpuline/\n__pycache__/\n")
+    init_repo(repo)
+    return repo
+
+
+def run_plan(act: Act, repo: Path, tier_name: str, event: Path) -> Any:
+    """The tier's plan job (and the guard it needs), run by act as the tier itself, with the inputs
+    and the pull request a caller's event would give it."""
+    workflow = act.gpuline / f".github/workflows/{tier_name}.yml"
+    return act.run(repo, "workflow_call", str(workflow), event_file=event, job="plan")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("tier_name", "labels", "approval_environment", "admitted"),
+    [
+        ("nightly", (), "", False),
+        ("nightly", ("gpu-budget-approved",), "", True),
+        ("release", (), "", False),
+        ("release", (), "gpu-approval", True),
+    ],
+    ids=["nightly-no-label", "nightly-label", "release-no-environment", "release-environment"],
+)
+def test_act_a_run_over_budget_is_refused_without_approval_and_admitted_with_it(
+    act_setup: Act,
+    approval_repo: Path,
+    tmp_path: Path,
+    tier_name: str,
+    labels: tuple[str, ...],
+    approval_environment: str,
+    admitted: bool,
+) -> None:
+    inputs = {**FAST, "config": "gpuline.yml"}
+    if approval_environment:
+        inputs["approval-environment"] = approval_environment
+    event = pr_event(tmp_path / "event.json", PR + 2, labels, inputs)
+    result = run_plan(act_setup, approval_repo, tier_name, event)
+    log = result.log
+    assert job_succeeded(log, tier_name, "preflight and cost estimate") is admitted, explain(log)
+    if admitted:
+        assert result.returncode == 0, explain(log)
+        how = f"label:{labels[0]}" if labels else f"environment:{approval_environment}"
+        assert f"approved by {how}" in log, explain(log)
+        assert "::set-output:: decision=warn" in log
+    else:
+        assert result.returncode != 0
+        assert "::set-output:: decision=deny" in log, explain(log)
+        assert "ask for an exception" in log, explain(log)

@@ -12,7 +12,7 @@ from gpuline.context import Context
 from gpuline.decisions import quota
 from gpuline.lease import runner
 from gpuline.lease.close import close_record, release_machine
-from gpuline.render.cost_comment import with_actual
+from gpuline.render.cost_comment import actual_section
 from gpuline.results import TeardownResult
 from gpuline.runs import utcnow
 
@@ -41,10 +41,10 @@ def teardown(ctx: Context) -> TeardownResult:
         quota=settled,
         first_time=first_time,
     )
-    comment_path = ctx.workdir(record.run_id) / "cost-comment.md"
-    if comment_path.exists():
-        # The sticky comment's body gains the actual cost, so the PR shows estimate and reality together.
-        comment_path.write_text(with_actual(comment_path.read_text(), record))
+    # The PR comment's actual-cost section, built from the run record: the teardown job may run on a
+    # fresh runner where nothing of the job that estimated is on disk (shared backends, no carried state).
+    comment_path = ctx.workdir(record.run_id) / "actual-comment.md"
+    comment_path.write_text(actual_section(record), encoding="utf-8")
     return TeardownResult(
         record=record,
         machine_released=machine_released,
@@ -52,5 +52,5 @@ def teardown(ctx: Context) -> TeardownResult:
         runners_deleted=runners_deleted,
         quota=settled,
         first_time=first_time,
-        comment_path=str(comment_path) if comment_path.exists() else "",
+        comment_path=str(comment_path),
     )
