@@ -3,6 +3,7 @@ stopped by SIGTERM at a random step then resumed, ending bit-identical to an uni
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -198,6 +199,17 @@ def _weights(outcome: TrainOutcome) -> dict[str, torch.Tensor]:
     return state
 
 
+def preempt_now(workdir: Path) -> None:
+    """A preemption at this very step, on a machine of any speed: the trainer's process group is frozen
+    first (so it cannot train on to its last step before the signal lands), then the supervisor and the
+    trainer get their SIGTERM, as a reclaimed machine's processes do, and the trainer goes on to save."""
+    pid = int(json.loads((workdir / "trainer.pid").read_text())["pid"])
+    os.killpg(pid, signal.SIGSTOP)
+    os.killpg(pid, signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.killpg(pid, signal.SIGCONT)
+
+
 @pytest.mark.slow
 def test_example_sigterm_at_a_random_step_then_resume_is_bit_identical(tmp_path: Path) -> None:
     straight = supervise(_example_request(tmp_path, "straight", Recorder()))
@@ -210,7 +222,7 @@ def test_example_sigterm_at_a_random_step_then_resume_is_bit_identical(tmp_path:
     print(f"SIGTERM once the metrics show step {stop_at}")
     rec = Recorder()
     request = _example_request(tmp_path, "interrupted", rec)
-    when_metrics_reach(request.workdir / "metrics.jsonl", stop_at, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    when_metrics_reach(request.workdir / "metrics.jsonl", stop_at, lambda: preempt_now(request.workdir))
     stopped = supervise(request)
     assert stopped.stop_reason == "preempted" and stopped.exit_code == 143
     assert stopped.final_step is not None and stopped.final_step < 300

@@ -172,8 +172,8 @@ def log_lines(est: CostEstimate, decision: Decision, queue: QueueEstimate) -> li
 def actual_section(record: RunRecord) -> str:
     """The PR comment's ``actual`` section: what the run really cost, from the run record alone, so the
     teardown job can write it on a fresh runner with nothing carried from the job that estimated."""
-    estimated = f" (estimated ${record.estimated_usd:.2f})" if record.estimated_usd is not None else ""
+    estimated = f"; estimated ${record.estimated_usd:.2f}" if record.estimated_usd is not None else ""
     return (
-        f"**Actual:** ${record.actual_usd or 0:.2f}{estimated}, {record.gpu_seconds / 3600:.3f} GPU-hours "
-        f"({record.idle_seconds:.0f} idle GPU-seconds), run {record.run_id} {record.status}.\n"
+        f"**Actual:** ${record.actual_usd or 0:.2f}, {record.gpu_seconds / 3600:.3f} GPU-hours "
+        f"({record.idle_seconds:.0f} idle GPU-seconds), run {record.status}{estimated} (`{record.run_id}`).\n"
     )
