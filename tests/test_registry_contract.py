@@ -168,7 +168,7 @@ def stale_first_decision(
     monkeypatch: pytest.MonkeyPatch, reg: ModelRegistry, version: int, patience_s: float
 ) -> tuple[threading.Event, list[int]]:
     """Make the first promotion of ``version`` decide on what it read, then wait before writing."""
-    module: Any = sys.modules[type(reg).__module__]
+    module: Any = sys.modules[type(reg).promote.__module__]  # where the backend's promote decides
     real: Callable[..., Any] = module.promoted
     other_landed, decided = threading.Event(), []
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.errors import NotFoundError
-from gpuline.registry.base import Audit, ModelVersion, StageChange, check_model, check_stage, with_reason
-from gpuline.registry.stages import Decide, StageState, decode, encode, promoted, rolled_back
+from gpuline.registry.base import Audit, ModelVersion, StageChange, check_model, check_stage
+from gpuline.registry.stages import Decide, StageMoves, StageState, decode, encode, rolled_back
 
 
 def open_local(uri: str, base_dir: Path) -> LocalRegistry:
@@ -25,7 +25,7 @@ def open_local(uri: str, base_dir: Path) -> LocalRegistry:
     return LocalRegistry(path if path.is_absolute() else base_dir / path)
 
 
-class LocalRegistry:
+class LocalRegistry(StageMoves):
     def __init__(self, root: Path) -> None:
         self.root = root
 
@@ -114,18 +114,10 @@ class LocalRegistry:
                 self._write_bytes(self._stage_file(model, stage), encode(new))
             return moved
 
-    def promote(
-        self, model: str, version: int, stage: str, reason: str = "", audit: Audit | None = None
-    ) -> StageChange:
-        check_stage(stage)
-        self.get(model, version)
-        given = with_reason(audit, reason)
-        return self._move(model, stage, lambda state: promoted(state, model, stage, version, given))
-
     def rollback(self, model: str, stage: str, audit: Audit | None = None) -> StageChange:
         check_stage(stage)
         rolled_back(self._state(model, stage), model, stage, audit)  # nothing to go back to: no folder made
-        return self._move(model, stage, lambda state: rolled_back(state, model, stage, audit))
+        return super().rollback(model, stage, audit)
 
     def history(self, model: str, stage: str) -> list[StageChange]:
         return self._state(model, stage).log

@@ -24,17 +24,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpuline.errors import InputError, NotFoundError
-from gpuline.registry.base import Audit, ModelVersion, StageChange, check_model, check_stage, with_reason
+from gpuline.registry.base import ModelVersion, StageChange, check_model, check_stage
 from gpuline.registry.stages import (
     TRIES,
     Decide,
+    StageMoves,
     StageState,
     backoff,
     contended,
     decode,
     encode,
-    promoted,
-    rolled_back,
 )
 from gpuline.storage.base import ObjectNotFound, PreconditionFailed
 from gpuline.storage.s3 import S3Storage
@@ -49,7 +48,7 @@ def open_s3(uri: str, base_dir: Path) -> S3Registry:
     return S3Registry(S3Storage(parts.netloc, parts.path.strip("/")))
 
 
-class S3Registry:
+class S3Registry(StageMoves):
     def __init__(self, store: S3Storage) -> None:
         self.store = store
 
@@ -166,17 +165,6 @@ class S3Registry:
     def in_stage(self, model: str, stage: str) -> ModelVersion | None:
         current = self._read(model, stage)[0].current
         return self.get(model, current) if current is not None else None
-
-    def promote(
-        self, model: str, version: int, stage: str, reason: str = "", audit: Audit | None = None
-    ) -> StageChange:
-        check_stage(stage)
-        self.get(model, version)
-        given = with_reason(audit, reason)
-        return self._move(model, stage, lambda state: promoted(state, model, stage, version, given))
-
-    def rollback(self, model: str, stage: str, audit: Audit | None = None) -> StageChange:
-        return self._move(model, stage, lambda state: rolled_back(state, model, stage, audit))
 
     def history(self, model: str, stage: str) -> list[StageChange]:
         return self._read(model, stage)[0].log

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpuline.errors import InfraError, NotFoundError, RefusedError
-from gpuline.registry.base import Audit, StageChange, change
+from gpuline.registry.base import Audit, ModelVersion, StageChange, change, check_stage, with_reason
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,26 @@ def backoff() -> None:
 
 def contended(where: str) -> InfraError:
     return InfraError(f"{where} kept changing under {TRIES} attempts to update it", hint="retry the command")
+
+
+class StageMoves:
+    """``promote`` and ``rollback`` for a backend that moves a stage by deciding on what it read
+    (``_move``): the file and S3 backends share them, and only say how a move is made safe."""
+
+    def get(self, model: str, version: int) -> ModelVersion:
+        raise NotImplementedError
+
+    def _move(self, model: str, stage: str, decide: Decide) -> StageChange:
+        raise NotImplementedError
+
+    def promote(
+        self, model: str, version: int, stage: str, reason: str = "", audit: Audit | None = None
+    ) -> StageChange:
+        check_stage(stage)
+        self.get(model, version)
+        given = with_reason(audit, reason)
+        return self._move(model, stage, lambda state: promoted(state, model, stage, version, given))
+
+    def rollback(self, model: str, stage: str, audit: Audit | None = None) -> StageChange:
+        check_stage(stage)
+        return self._move(model, stage, lambda state: rolled_back(state, model, stage, audit))

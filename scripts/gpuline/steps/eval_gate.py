@@ -19,7 +19,6 @@ def run(ctx: Context, args: argparse.Namespace) -> GateResult:
 
 def eval_gate(ctx: Context) -> GateResult:
     record = ctx.require_run()
-    ctx.use_tier(record.tier)
     spec = ctx.spec
     with recorded(ctx, "eval-gate"):
         if not record.metrics:

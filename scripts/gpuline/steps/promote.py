@@ -26,7 +26,6 @@ def run(ctx: Context, args: argparse.Namespace) -> PromoteResult:
 
 def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
     record = ctx.require_run()
-    ctx.use_tier(record.tier)
     spec = ctx.spec
     stage = stage or DEFAULT_STAGE.get(record.tier, "staging")
     with recorded(ctx, "promote"):

@@ -23,7 +23,6 @@ def run(ctx: Context, args: argparse.Namespace) -> TeardownResult:
 
 def teardown(ctx: Context) -> TeardownResult:
     record = ctx.require_run()
-    ctx.use_tier(record.tier)
     now = utcnow()
     first_time = record.times.released is None
     machine_released = release_machine(ctx.project_dir, record)

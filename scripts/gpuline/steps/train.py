@@ -25,8 +25,6 @@ def run(ctx: Context, args: argparse.Namespace) -> TrainResult:
 
 def train(ctx: Context) -> TrainResult:
     record = ctx.require_run()
-    # The run keeps the tier it was created with; a later step must not train a different config.
-    ctx.use_tier(record.tier)
     spec = ctx.spec
     with recorded(ctx, "train"):
         outcome = supervise(_request(ctx, record, spec))
