@@ -8,11 +8,15 @@ Kept import-light on purpose: ``gpuline --help`` must not load pydantic, boto3 o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import io
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, TextIO, cast
 
 from gpuline.inputs import Inputs
 
@@ -40,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gpuline.steps.teardown:run",
         "release machine and quota, settle the real cost (idempotent)",
     ),
+    "verify": (
+        "gpuline.steps.verify:run",
+        "check the version a stage holds: its files against the registry, eval.command against the gates",
+    ),
     "rollback": ("gpuline.steps.rollback:run", "move a stage back to the version it held before"),
     "status": ("gpuline.steps.status:run", "show run records"),
     "models": ("gpuline.steps.models:run", "show what each stage of a model holds now, and who moved it when"),
@@ -54,10 +62,59 @@ STANDALONE: dict[str, str] = {"comment": "gpuline.commands.comment:main"}
 TIERS = ("pr-fast", "nightly", "release")
 
 
+class UsageError(Exception):
+    """A flag argparse refused: reported like every other input error (one line, exit 2, JSON)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (fix: see `{self.prog} --help`)")
+
+
+class _Stdout(io.TextIOBase):
+    """stdout that a reader going away cannot break (``gpuline status --json | head``): what it
+    cannot take is dropped, and the command finishes, releases and exits as it would have."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self.inner = inner
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.inner.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.inner.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def isatty(self) -> bool:
+        return self.inner.isatty()
+
+    def _drop(self) -> None:
+        self.broken = True
+        # Point the descriptor at /dev/null so the interpreter's last flush at exit finds no pipe either.
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.inner.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass  # not a real descriptor (a test's capture): dropping the writes is enough
+
+
 def build_parser(inputs: Inputs | None = None) -> argparse.ArgumentParser:
     """The parser; every flag's default is the matching input from the environment (gpuline.inputs)."""
     env = inputs or Inputs.from_env()
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", default=env.config or "gpuline.yml", help="path of gpuline.yml")
     common.add_argument("--policy", default=env.policy, help="policy.yml (default: beside the config)")
     common.add_argument(
@@ -70,7 +127,7 @@ def build_parser(inputs: Inputs | None = None) -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpuline",
         description="GPU-aware CI/CD for ML repos: preflight, cost, lease, train, gate, promote, teardown.",
     )
@@ -149,6 +206,7 @@ _ADD_ARGS: dict[str, Callable[[argparse.ArgumentParser, Inputs], None]] = {
     "cost-estimate": _cost_args,
     "provision": _provision_args,
     "promote": _stage_args,
+    "verify": _stage_args,
     "rollback": _rollback_args,
     "status": _status_args,
     "models": _models_args,
@@ -173,7 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return standalone(args_list[1:])
     inputs = Inputs.from_env()  # the one read of the environment's inputs for this command
     parser = build_parser(inputs)
-    args = parser.parse_args(args_list)
+    try:
+        args = parser.parse_args(args_list)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if "--json" in args_list:
+            print(json.dumps({"ok": False, "error": str(exc), "exit_code": 2}))
+        return 2
     args.inputs = inputs
     if args.version:
         from gpuline import __version__
@@ -190,9 +254,12 @@ def dispatch(args: argparse.Namespace) -> int:
     from gpuline import gha
 
     gha.set_json_mode(args.json)
+    stdout = sys.stdout
+    sys.stdout = cast(TextIO, _Stdout(stdout))
     try:
         return _dispatch(args)
     finally:
+        sys.stdout = stdout
         gha.set_json_mode(False)
 
 
@@ -209,21 +276,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(ctx, args)
     except GpulineError as exc:
-        _write(ctx, exc.result, args)
-        _report(exc, args)
-        if args.json:
-            print(json.dumps({"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}))
-        return exc.exit_code
+        return _fail(ctx, exc, args)
     except KeyboardInterrupt:
         _write(ctx, None, args)
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The machine's fault, not the input's and not a bug: a full disk, a file gone unreadable.
+        if args.debug:
+            raise
+        return _fail(ctx, _os_error(exc), args)
     except Exception as exc:
         _write(ctx, None, args)
         if args.debug:
             raise
-        _internal_error(exc)
-        return 3
+        return _internal_error(exc, args)
     _write(ctx, result, args)
     if args.json:
         print(json.dumps({"ok": True, **result.to_json()}, default=str, indent=2))
@@ -254,11 +321,39 @@ def _write(ctx: Context, result: object, args: argparse.Namespace) -> None:
         summary.write(result, json_mode=args.json)
 
 
-def _internal_error(exc: Exception) -> None:
-    from gpuline import gha
+def _fail(ctx: Context, exc: Exception, args: argparse.Namespace) -> int:
+    """Report a GpulineError: its result if it carries one, one line, and the JSON document."""
+    from gpuline.errors import GpulineError
 
-    gha.annotate("error", f"internal error: {type(exc).__name__}: {exc}", title="gpuline internal error")
-    print("this is a bug in gpuline; rerun with --debug for the traceback", file=sys.stderr)
+    assert isinstance(exc, GpulineError)
+    # The disk that failed the step may fail the summary too; the error line still goes out.
+    with contextlib.suppress(OSError):
+        _write(ctx, exc.result, args)
+    _report(exc, args)
+    if args.json:
+        print(json.dumps({"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}))
+    return exc.exit_code
+
+
+def _os_error(exc: OSError) -> Exception:
+    from gpuline.errors import InfraError, clip
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    where = f": {clip(str(exc.filename), 200)}" if exc.filename else ""
+    hint = "free disk space and rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and rerun"
+    return InfraError(f"{exc.strerror or exc}{f' ({name})' if name else ''}{where}", hint=hint)
+
+
+def _internal_error(exc: Exception, args: argparse.Namespace) -> int:
+    from gpuline import gha
+    from gpuline.errors import clip
+
+    line = f"internal error: {type(exc).__name__}: {clip(str(exc), 300)}"
+    fix = "this is a bug in gpuline; rerun with --debug for the traceback"
+    gha.annotate("error", f"{line} ({fix})", title="gpuline internal error")
+    if args.json:
+        print(json.dumps({"ok": False, "error": f"{line} (fix: {fix})", "exit_code": 3}))
+    return 3
 
 
 def _report(exc: Exception, args: argparse.Namespace) -> None:

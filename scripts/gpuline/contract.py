@@ -32,6 +32,11 @@ DATASET_PATH = "GPULINE_DATASET_PATH"
 RESUME_FROM = "GPULINE_RESUME_FROM"
 MAX_DURATION_S = "GPULINE_MAX_DURATION_S"
 RDZV_ENDPOINT = "GPULINE_RDZV_ENDPOINT"
+# Set for eval.command: the folder holding the one model it evaluates (it writes EVAL_PATH).
+MODEL_PATH = "GPULINE_MODEL_PATH"
+# Set for deploy.command (with MODEL and STAGE): the version promoted and where its files are.
+MODEL_VERSION = "GPULINE_MODEL_VERSION"
+ARTIFACTS_URI = "GPULINE_ARTIFACTS_URI"
 # Preflight's import check prints its report on one line after this marker (the child may print more).
 IMPORT_CHECK = "GPULINE_IMPORT_CHECK"
 

@@ -36,6 +36,7 @@ class PreflightResult(StepResult):
     run_id: str
     checks: list[tuple[str, str]]
     smoke_step_s: float | None
+    evaluates: bool = False  # eval.command is set: eval-gate and verify run the project's code
     command: str = field(init=False, default="preflight")
 
     def to_json(self) -> dict[str, Any]:
@@ -47,7 +48,7 @@ class PreflightResult(StepResult):
         }
 
     def outputs(self) -> dict[str, object]:
-        return {"run-id": self.run_id, "verdict": "pass"}
+        return {"run-id": self.run_id, "verdict": "pass", "eval-command": str(self.evaluates).lower()}
 
 
 @dataclass
@@ -198,10 +199,17 @@ class PromoteResult(StepResult):
     reason: str = ""
     at: str = ""
     workflow_run_url: str = ""
+    deployed: bool = False
+    """The deploy hook ran and succeeded for this stage."""
     command: str = field(init=False, default="promote")
 
     def outputs(self) -> dict[str, object]:
-        return {"version": self.version, "stage": self.stage, "previous-version": self.previous_version or ""}
+        return {
+            "version": self.version,
+            "stage": self.stage,
+            "previous-version": self.previous_version or "",
+            "deployed": str(self.deployed).lower(),
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -214,6 +222,7 @@ class PromoteResult(StepResult):
             "reason": self.reason,
             "at": self.at,
             "workflow_run_url": self.workflow_run_url,
+            "deployed": self.deployed,
         }
 
 

@@ -110,7 +110,11 @@ class RunRecord(_Record):
     smoke_step_s: float | None = None
     """Seconds per step measured by preflight's CPU smoke test (one input to the duration estimate)."""
     checkpoints: list[Checkpoint] = Field(default_factory=list)
+    model_sha256: str = ""
+    """sha256 of the manifest of the trained model's files (their checksums); empty: no model written."""
     metrics: dict[str, Any] = Field(default_factory=dict)
+    evaluated_by: str = ""
+    """Where ``metrics`` come from: empty for the training script's own, else how eval.command measured them."""
     gates: list[GateVerdict] = Field(default_factory=list)
     promoted_version: int | None = None
     promoted_stage: str | None = None

@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from gpuline.errors import ConfigError, Location
+from gpuline.errors import ConfigError, Location, clip_repr
 from gpuline.yamlsource import YamlDocument, closest, dotted, load_yaml
 
 TIERS = ("pr-fast", "nightly", "release")
 Tier = Literal["pr-fast", "nightly", "release"]
+Stage = Literal["staging", "production"]
 
+MAX_DURATION_S = 366 * 24 * 3600
 _DURATION = re.compile(r"^\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?\s*$")
 
 
 def parse_duration(value: Any) -> int:
     """``90`` / ``"90s"`` / ``"20m"`` / ``"1h30m"`` -> seconds."""
     if isinstance(value, bool):
+        raise ValueError("expected a duration such as 20m, 1h30m or 900 (seconds)")
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("expected a duration such as 20m, 1h30m or 900 (seconds)")
     if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
         seconds = int(value)
@@ -36,6 +41,9 @@ def parse_duration(value: Any) -> int:
         raise ValueError("expected a duration such as 20m, 1h30m or 900 (seconds)")
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > MAX_DURATION_S:
+        # Beyond this no lease, TTL or estimate is meaningful (and a date past it overflows).
+        raise ValueError("a duration may be at most 366 days")
     return seconds
 
 
@@ -69,6 +77,15 @@ class Dataset(_Model):
     schema_: dict[str, ArraySchema] | None = Field(default=None, alias="schema")
 
 
+def _split_command(data: Any) -> Any:
+    """A ``command`` written as one string is split the way a shell would (no shell runs it)."""
+    if isinstance(data, dict) and isinstance(data.get("command"), str):
+        import shlex
+
+        data = {**data, "command": shlex.split(data["command"])}
+    return data
+
+
 class Entrypoint(_Model):
     command: list[str] = Field(min_length=1, description="argv of the training script, run from workdir.")
     workdir: str = Field(default=".", description="Directory relative to gpuline.yml.")
@@ -76,14 +93,7 @@ class Entrypoint(_Model):
         default=None, description="Python file imported in preflight (defaults to the first .py in command)."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _split_string_command(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("command"), str):
-            import shlex
-
-            data = {**data, "command": shlex.split(data["command"])}
-        return data
+    _split_string_command = model_validator(mode="before")(_split_command)
 
 
 class Resources(_Model):
@@ -129,6 +139,36 @@ class Gate(_Model):
 class Eval(_Model):
     baseline: str = Field(default="production", description="Registry stage to compare against.")
     gates: list[Gate] = Field(default_factory=list)
+    command: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Evaluates one model: its files are in GPULINE_MODEL_PATH, the dataset in GPULINE_DATASET_PATH; "
+            "it writes its metrics (JSON) to GPULINE_EVAL_PATH. Run from workdir on the candidate and the "
+            "baseline in eval-gate, and on the promoted version by `gpuline verify`."
+        ),
+    )
+    workdir: str = Field(default=".", description="Directory of eval.command, relative to gpuline.yml.")
+    timeout: Duration = Field(default=1800, description="Longest one evaluation may take (e.g. 10m).")
+
+    _split_string_command = model_validator(mode="before")(_split_command)
+
+
+class Deploy(_Model):
+    command: list[str] = Field(
+        min_length=1,
+        description=(
+            "Run after a promotion to one of `stages`, with GPULINE_MODEL, GPULINE_MODEL_VERSION, "
+            "GPULINE_STAGE and GPULINE_ARTIFACTS_URI set; a failure rolls the stage back."
+        ),
+    )
+    stages: list[Stage] = Field(
+        default_factory=lambda: list[Stage](["production"]), min_length=1, description="Stages whose promotion deploys."
+    )
+    workdir: str = Field(default=".", description="Directory of the command, relative to gpuline.yml.")
+    timeout: Duration = Field(default=900, description="Longest the deploy may take (e.g. 15m).")
+
+    _split_string_command = model_validator(mode="before")(_split_command)
 
 
 class Backends(_Model):
@@ -154,19 +194,14 @@ class Spec(_Model):
     resources: Resources = Field(default_factory=Resources)
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)
     eval: Eval = Field(default_factory=Eval)
+    deploy: Deploy | None = Field(default=None, description="A command that puts a promoted version to use.")
     secrets: list[str] = Field(default_factory=list, description="Names of env vars that must be set.")
     tiers: dict[Tier, TierOverride] = Field(default_factory=dict)
     backends: Backends = Field(default_factory=Backends)
 
     def for_tier(self, tier: str) -> Spec:
         """The spec with the tier's overrides merged in (what actually runs)."""
-        override = self.tiers.get(cast(Tier, tier))
-        if override is None:
-            return self
-        data = self.model_dump(by_alias=True)
-        for section in ("hyperparameters", "resources", "checkpoint"):
-            data[section] = {**data[section], **getattr(override, section)}
-        return Spec.model_validate(data)
+        return _tier_spec(self, tier, None)
 
     def config_hash(self) -> str:
         """Hash of the resolved config: two runs with equal hashes train the same thing."""
@@ -255,15 +290,39 @@ def _validate(doc: YamlDocument, model: type[M]) -> M:
             hint=f"start the file with keys such as {', '.join(list(model.model_fields)[:3])}",
         )
     try:
-        return model.model_validate(doc.data)
+        validated = model.model_validate(doc.data)
     except ValidationError as exc:
         raise _to_config_error(doc, model, exc) from None
+    if isinstance(validated, Spec):
+        # Each tier as it will run: a typo under tiers.nightly.resources fails here, at its line.
+        for tier in validated.tiers:
+            _tier_spec(validated, tier, doc)
+    return validated
 
 
-def _to_config_error(doc: YamlDocument, model: type[BaseModel], exc: ValidationError) -> ConfigError:
+def _tier_spec(spec: Spec, tier: str, doc: YamlDocument | None) -> Spec:
+    """``spec`` with the tier's overrides merged in; a bad override is a ConfigError at tiers.TIER...."""
+    override = spec.tiers.get(cast(Tier, tier))
+    if override is None:
+        return spec
+    data = spec.model_dump(by_alias=True)
+    for section in ("hyperparameters", "resources", "checkpoint"):
+        data[section] = {**data[section], **getattr(override, section)}
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        loc = exc.errors()[0]["loc"]
+        # The error is the override's when the key it names came from the override.
+        ours = len(loc) >= 2 and loc[0] in data and loc[1] in getattr(override, str(loc[0]), {})
+        raise _to_config_error(doc, Spec, exc, ("tiers", tier) if ours else ()) from None
+
+
+def _to_config_error(
+    doc: YamlDocument | None, model: type[BaseModel], exc: ValidationError, prefix: tuple[str, ...] = ()
+) -> ConfigError:
     first = exc.errors()[0]
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    field = dotted(loc)
+    field = dotted(prefix + loc)
     kind = first["type"]
     if kind == "missing":
         message, hint = "required field is missing", f"add `{loc[-1]}:` here"
@@ -278,10 +337,11 @@ def _to_config_error(doc: YamlDocument, model: type[BaseModel], exc: ValidationE
         value = first.get("input")
         message = first["msg"].removeprefix("Value error, ")
         if not isinstance(value, dict | list):
-            message += f" (got {value!r})"
+            message += f" (got {clip_repr(value)})"
         hint = "see `gpuline schema` for the expected type"
     extra = f"; {len(exc.errors()) - 1} more problem(s) after fixing this" if len(exc.errors()) > 1 else ""
-    return ConfigError(message + extra, hint=hint, location=Location(doc.path, line=doc.line_of(loc), field=field))
+    where = Location(doc.path if doc else "gpuline.yml", line=doc.line_of(prefix + loc) if doc else None, field=field)
+    return ConfigError(message + extra, hint=hint, location=where)
 
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:

@@ -16,8 +16,8 @@ from gpuline.lease.machines import open_masked
 from gpuline.providers.options import options_for
 from gpuline.runs import LeaseRecord, Ledger, RunRecord
 
-# The step that ends each tier: a run that reached it succeeded.
-FINAL_STEP = {"pr-fast": "cost-estimate", "nightly": "promote", "release": "promote"}
+# The steps that end each tier: a run that reached one succeeded (release verifies after promote).
+FINAL_STEPS = {"pr-fast": ("cost-estimate",), "nightly": ("promote",), "release": ("promote", "verify")}
 
 
 def release_machine(project_dir: Path, record: RunRecord) -> bool:
@@ -53,7 +53,7 @@ def close_record(ledger: Ledger, project_dir: Path, record: RunRecord, now: date
             0.0, (now - record.times.last_step).total_seconds()
         )
     usd = actual_cost(catalog, record.provider, record.instance_type, record.lane, nodes, held) if start else 0.0
-    reached_end = record.stage == FINAL_STEP.get(record.tier)
+    reached_end = record.stage in FINAL_STEPS.get(record.tier, ())
 
     def close(r: RunRecord) -> None:
         r.times.released = now

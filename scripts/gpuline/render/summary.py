@@ -30,6 +30,7 @@ from gpuline.results import (
     TeardownResult,
     TrainResult,
 )
+from gpuline.results_verify import VerifyResult
 from gpuline.runs import GateVerdict, RunRecord
 
 
@@ -123,6 +124,22 @@ def _promote(r: StepResult) -> str:
         f"### gpuline promote\n\n**{r.model} v{r.version}** is now **{r.stage}** "
         f"(previously {_previous(r.previous_version)}).\n" + _audit_line(r.actor, r.reason, r.workflow_run_url)
     )
+
+
+def _verify(r: StepResult) -> str:
+    assert isinstance(r, VerifyResult)
+    icon = ":white_check_mark:" if r.passed else ":x:"
+    head = f"### {icon} gpuline verify: {r.model} v{r.version} in {r.stage}\n\n"
+    body = key_value_table(r.checks)
+    if r.verdicts:
+        body += "\n" + gate_report(f"{r.model} v{r.version}", r.verdicts, r.baseline)
+    return head + body
+
+
+def _verify_lines(r: StepResult, json_mode: bool) -> list[str]:
+    assert isinstance(r, VerifyResult)
+    verdict = "passes its check" if r.passed else "FAILED its check"
+    return [f"{r.model} v{r.version} in {r.stage} {verdict}", *(f"  {k}: {v}" for k, v in r.checks)]
 
 
 def _audit_line(actor: str, reason: str, url: str) -> str:
@@ -314,6 +331,7 @@ _MARKDOWN: dict[type[StepResult], Callable[[StepResult], str]] = {
     TrainResult: _train,
     GateResult: _gate,
     PromoteResult: _promote,
+    VerifyResult: _verify,
     TeardownResult: _teardown,
     RollbackResult: _rollback,
     ModelsResult: _models,
@@ -326,6 +344,7 @@ _LINES: dict[type[StepResult], Callable[[StepResult, bool], list[str]]] = {
     ProvisionResult: _provision_lines,
     GateResult: _gate_lines,
     PromoteResult: _promote_lines,
+    VerifyResult: _verify_lines,
     TeardownResult: _teardown_lines,
     RollbackResult: _rollback_lines,
     ModelsResult: _models_lines,

@@ -1,16 +1,26 @@
-"""eval-gate: the candidate's metrics against the gates and the model now in the baseline stage."""
+"""eval-gate: the candidate's metrics against the gates and the model now in the baseline stage.
+
+With ``eval.command`` the candidate and the baseline are both evaluated here, by that command, on the
+same data; without it the candidate's metrics are the training script's and the baseline's are the
+ones stored with its version.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from gpuline import evaluation
 from gpuline.context import Context
 from gpuline.decisions.gates import evaluate
 from gpuline.errors import GateFailed, InputError
+from gpuline.registry.base import ModelVersion
 from gpuline.render.summary import gate_report
 from gpuline.results import GateResult
 from gpuline.runs import RunRecord
 from gpuline.stage import recorded
+
+EVALUATED = "eval.command, in eval-gate"
 
 
 def run(ctx: Context, args: argparse.Namespace) -> GateResult:
@@ -21,17 +31,19 @@ def eval_gate(ctx: Context) -> GateResult:
     record = ctx.require_run()
     spec = ctx.spec
     with recorded(ctx, "eval-gate"):
-        if not record.metrics:
-            raise InputError(f"run {record.run_id} has no eval metrics", hint="run `gpuline train` first")
         baseline_version = ctx.registry.in_stage(spec.model.name, spec.eval.baseline)
-        baseline = baseline_version.metrics if baseline_version else None
-        verdicts = [evaluate(g, record.metrics, baseline) for g in spec.eval.gates]
+        metrics, baseline, how = _measure(ctx, record, baseline_version)
+        verdicts = [evaluate(g, metrics, baseline) for g in spec.eval.gates]
 
         def keep(r: RunRecord) -> None:
             r.gates = verdicts
+            if spec.eval.command:
+                r.metrics, r.evaluated_by = metrics, EVALUATED
 
         ctx.ledger.update_run(record.run_id, keep)
-        base_label = f"v{baseline_version.version} ({spec.eval.baseline})" if baseline_version else "none yet"
+        base_label = "none yet"
+        if baseline_version:
+            base_label = f"v{baseline_version.version} ({spec.eval.baseline}; {how})"
         report_path = ctx.workdir(record.run_id) / "eval-report.md"
         report_path.write_text(gate_report(record.run_id, verdicts, base_label))
         result = GateResult(run_id=record.run_id, verdicts=verdicts, baseline=base_label, report_path=str(report_path))
@@ -43,3 +55,21 @@ def eval_gate(ctx: Context) -> GateResult:
             )
             raise refusal.with_result(result)
     return result
+
+
+def _measure(
+    ctx: Context, record: RunRecord, baseline: ModelVersion | None
+) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+    """The candidate's metrics, the baseline's (None: no baseline yet) and how the baseline's were had."""
+    if not ctx.spec.eval.command:
+        if not record.metrics:
+            raise InputError(f"run {record.run_id} has no eval metrics", hint="run `gpuline train` first")
+        return record.metrics, baseline.metrics if baseline else None, "stored metrics"
+    with evaluation.fetched_candidate(ctx, record) as files:
+        metrics = evaluation.evaluate(ctx, files, "candidate")
+    ctx.event("eval.candidate", metrics=metrics)
+    if baseline is None:
+        return metrics, None, ""
+    measured = evaluation.measure_version(ctx, baseline)
+    ctx.event("eval.baseline", version=baseline.version, metrics=measured.metrics, how=measured.how)
+    return metrics, measured.metrics, measured.how

@@ -1,7 +1,8 @@
 """run: a whole tier in one process, in the same order and with the same steps as the reusable workflows.
 
 pr-fast: preflight + cost-estimate. nightly: everything, promoting to staging. release: everything,
-promoting to production. Teardown runs whatever happened before it, as ``if: always()`` does in CI.
+promoting to production, then the check after promotion (verify) that rolls production back when it
+fails. Teardown runs whatever happened before it, as ``if: always()`` does in CI.
 Each step's outputs and summary are written as it finishes, as separate workflow steps would.
 """
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 from gpuline import gha
 from gpuline.context import Context
-from gpuline.errors import GpulineError, InputError
+from gpuline.errors import GpulineError, InputError, RefusedError
 from gpuline.providers import PROVIDERS
 from gpuline.render import summary
 from gpuline.results import PipelineResult, StepResult
@@ -21,8 +22,10 @@ from gpuline.steps.eval_gate import eval_gate
 from gpuline.steps.preflight import preflight
 from gpuline.steps.promote import promote
 from gpuline.steps.provision import provision
+from gpuline.steps.rollback import roll_back
 from gpuline.steps.teardown import teardown
 from gpuline.steps.train import train
+from gpuline.steps.verify import verify
 
 Step = Callable[[Context], StepResult]
 
@@ -41,7 +44,22 @@ def plan(tier: str, args: argparse.Namespace) -> list[tuple[str, Step]]:
         ("train", train),
         ("eval-gate", eval_gate),
         ("promote", lambda ctx: promote(ctx, stage=args.stage)),
+        *([("verify", lambda ctx: _verify_or_roll_back(ctx, args))] if tier == "release" else []),
     ]
+
+
+def _verify_or_roll_back(ctx: Context, args: argparse.Namespace) -> StepResult:
+    """The release tier's check after promotion; when it fails, the stage goes back (as the rollback job does)."""
+    stage = args.stage or "production"
+    try:
+        return verify(ctx, stage=stage)
+    except RefusedError as exc:
+        if isinstance(exc.result, StepResult):
+            _written(exc.result, args)
+            exc.result = None
+        with gha.group("gpuline rollback"):
+            _written(roll_back(ctx, ctx.spec.model.name, stage, f"verify failed: {exc.message}"), args)
+        raise
 
 
 def run(ctx: Context, args: argparse.Namespace) -> PipelineResult:

@@ -42,10 +42,13 @@ def preflight(ctx: Context) -> PreflightResult:
             rows.append(("cuda", check_compat(spec)))
         with gha.group("preflight: entrypoint"):
             rows.append(("entrypoint", check_entrypoint(ctx, spec)))
+            rows += check_hooks(ctx, spec)
         with gha.group("preflight: one-batch overfit smoke test (CPU)"):
             smoke_line, step_s = smoke(ctx, spec, record)
             rows.append(("smoke test", smoke_line))
-    return PreflightResult(run_id=record.run_id, checks=rows, smoke_step_s=step_s)
+    return PreflightResult(
+        run_id=record.run_id, checks=rows, smoke_step_s=step_s, evaluates=spec.eval.command is not None
+    )
 
 
 def check_tier_rules(ctx: Context, spec: Spec) -> str:
@@ -95,7 +98,8 @@ def check_secrets(ctx: Context, spec: Spec) -> str:
 
 
 def check_dataset(ctx: Context, spec: Spec) -> str:
-    path = dataset.resolve(spec, ctx.project_dir, ctx.config_path, ctx.workdir(ctx.run_id or "preflight"))
+    workdir = ctx.workdir(ctx.run_id or "preflight")
+    path = dataset.resolve(spec, ctx.project_dir, ctx.config_path, workdir, ctx.line_of)
     found = dataset.check(spec, path, ctx.config_path, ctx.line_of)
     arrays = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in found.arrays.items())
     return f"{path.name} ({found.size / 1e6:.2f} MB) sha256 matches" + (f"; {arrays}" if arrays else "")
@@ -126,6 +130,31 @@ def entrypoint_file(ctx: Context, spec: Spec) -> Path:
             hint="fix the path (relative to entrypoint.workdir)",
         )
     return path
+
+
+def check_hooks(ctx: Context, spec: Spec) -> list[tuple[str, str]]:
+    """eval.command and deploy.command: their directory and the Python file they run exist now, not
+    after a GPU has trained a model for them."""
+    rows = []
+    hooks = [("eval", spec.eval.command, spec.eval.workdir)]
+    if spec.deploy is not None:
+        hooks.append(("deploy", spec.deploy.command, spec.deploy.workdir))
+    for section, command, workdir in hooks:
+        if not command:
+            continue
+        folder = ctx.project_dir / workdir
+        script = next((a for a in command if a.endswith(".py")), None)
+        missing = (
+            folder if not folder.is_dir() else (folder / script if script and not (folder / script).is_file() else None)
+        )
+        if missing is not None:
+            raise ConfigError(
+                f"{section}.command: {missing} does not exist",
+                location=Location(ctx.config_path, ctx.line_of((section, "command")), field=f"{section}.command"),
+                hint=f"fix the path (relative to {section}.workdir, which is relative to gpuline.yml)",
+            )
+        rows.append((f"{section} command", f"`{' '.join(command)}`" + (f" (`{script}` exists)" if script else "")))
+    return rows
 
 
 def check_entrypoint(ctx: Context, spec: Spec) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gpuline import deploy, evaluation
 from gpuline.context import Context
-from gpuline.errors import RefusedError
+from gpuline.errors import GpulineError, RefusedError
 from gpuline.registry import audit
+from gpuline.registry.base import ModelVersion, StageChange
 from gpuline.results import PromoteResult
 from gpuline.runs import RunRecord, model_prefix
 from gpuline.spec import Spec
@@ -50,16 +52,9 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
             r.promoted_version, r.promoted_stage = version.version, stage
 
         ctx.ledger.update_run(record.run_id, keep)
-        ctx.event(
-            "model.promoted",
-            model=spec.model.name,
-            version=version.version,
-            stage=stage,
-            previous=change.previous,
-            actor=change.actor,
-            reason=change.reason,
-            workflow_run_url=change.workflow_run_url,
-        )
+        _event(ctx, change)
+        if deploy.applies(ctx, stage):
+            _deploy_or_roll_back(ctx, version, stage)
     return PromoteResult(
         run_id=record.run_id,
         model=spec.model.name,
@@ -70,7 +65,52 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
         reason=change.reason,
         at=change.at.isoformat(timespec="seconds"),
         workflow_run_url=change.workflow_run_url,
+        deployed=deploy.applies(ctx, stage),
     )
+
+
+def _event(ctx: Context, change: StageChange) -> None:
+    ctx.event(
+        "model.promoted",
+        model=change.model,
+        version=change.version,
+        stage=change.stage,
+        previous=change.previous,
+        actor=change.actor,
+        reason=change.reason,
+        workflow_run_url=change.workflow_run_url,
+    )
+
+
+def _deploy_or_roll_back(ctx: Context, version: ModelVersion, stage: str) -> None:
+    """Run the deploy hook; when it fails, put the stage back where it was and fail the step."""
+    try:
+        deployment = deploy.run_hook(ctx, version, stage)
+    except RefusedError as exc:
+        why = audit.for_rollback(f"deploy failed: {exc.message}", run_id=ctx.run_id or "")
+        try:
+            back = ctx.registry.rollback(version.model, stage, audit=why)
+        except GpulineError as held:
+            raise RefusedError(
+                f"deploy of {version.model} v{version.version} to {stage} failed ({exc.message}); "
+                f"{stage} still holds it: {held.message}",
+                hint="fix the deploy command and promote again",
+            ) from None
+        ctx.event(
+            "model.rolled_back",
+            model=version.model,
+            stage=stage,
+            version=back.version,
+            replaced=back.previous,
+            actor=back.actor,
+            reason=back.reason,
+        )
+        raise RefusedError(
+            f"deploy of {version.model} v{version.version} to {stage} failed ({exc.message}); "
+            f"{stage} is back at v{back.version}",
+            hint="fix the deploy command (see its output above) and promote again",
+        ) from None
+    ctx.event("model.deployed", model=version.model, version=version.version, stage=stage, deployment=deployment)
 
 
 def _lineage(record: RunRecord) -> dict[str, Any]:
@@ -79,6 +119,8 @@ def _lineage(record: RunRecord) -> dict[str, Any]:
         "run_id": record.run_id,
         "tier": record.tier,
         "checkpoints": [c.model_dump() for c in record.checkpoints[-1:]],
+        evaluation.MANIFEST_KEY: record.model_sha256,
+        "metrics_from": record.evaluated_by or "the training script",
     }
 
 

@@ -24,11 +24,15 @@ def run(ctx: Context, args: argparse.Namespace) -> RollbackResult:
             model = ctx.base_spec.model.name
         except InputError:
             raise InputError("no model given", hint="pass --model NAME (or run next to a gpuline.yml)") from None
-    stage = args.stage or "production"
+    return roll_back(ctx, model, args.stage or "production", getattr(args, "reason", None) or NO_REASON)
+
+
+def roll_back(ctx: Context, model: str, stage: str, reason: str) -> RollbackResult:
+    """Move ``stage`` of ``model`` one step back, audited with ``reason`` (and the run, when given)."""
     registry = ctx.registry
     if ctx.run_id:
         ctx.ledger.get_run(ctx.run_id)  # an unknown run is an input error, found before anything moves
-    why = audit.for_rollback(getattr(args, "reason", None) or NO_REASON, run_id=ctx.run_id or "")
+    why = audit.for_rollback(reason, run_id=ctx.run_id or "")
     change = registry.rollback(model, stage, audit=why)
     if ctx.run_id:
         ctx.event(

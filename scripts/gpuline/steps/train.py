@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
@@ -13,10 +12,8 @@ from gpuline.results import TrainResult
 from gpuline.runs import Checkpoint, RunRecord, model_prefix
 from gpuline.spec import Spec
 from gpuline.stage import recorded
+from gpuline.storage import bundle
 from gpuline.training import TrainOutcome, TrainRequest, dataset, entry_command, supervise
-
-if TYPE_CHECKING:
-    from gpuline.storage import Storage
 
 
 def run(ctx: Context, args: argparse.Namespace) -> TrainResult:
@@ -28,8 +25,9 @@ def train(ctx: Context) -> TrainResult:
     spec = ctx.spec
     with recorded(ctx, "train"):
         outcome = supervise(_request(ctx, record, spec))
-        artifacts = _upload_model(ctx.storage, outcome.output_dir, model_prefix(record.run_id))
-        record = _keep_outcome(ctx, record, outcome)
+        model = bundle.upload(ctx.storage, outcome.output_dir, model_prefix(record.run_id))
+        artifacts = model.uris if model else []
+        record = _keep_outcome(ctx, record, outcome, model.manifest_sha256 if model else "")
         ctx.event(
             "train.outcome",
             exit_code=outcome.exit_code,
@@ -82,10 +80,11 @@ def _request(ctx: Context, record: RunRecord, spec: Spec) -> TrainRequest:
     )
 
 
-def _keep_outcome(ctx: Context, record: RunRecord, outcome: TrainOutcome) -> RunRecord:
+def _keep_outcome(ctx: Context, record: RunRecord, outcome: TrainOutcome, model_sha256: str) -> RunRecord:
     def keep(r: RunRecord) -> None:
         r.checkpoints = [Checkpoint(uri=c.uri, step=c.step, sha256=c.sha256) for c in outcome.checkpoints]
-        r.metrics = dict(outcome.eval_metrics)
+        r.model_sha256 = model_sha256 or r.model_sha256
+        r.metrics, r.evaluated_by = dict(outcome.eval_metrics), ""
         r.preemptions += outcome.preemptions
         r.restarts += outcome.restarts
         r.times.first_step = r.times.first_step or outcome.first_step_at
@@ -114,14 +113,3 @@ def _failure(spec: Spec, record: RunRecord, outcome: TrainOutcome) -> GpulineErr
             hint="see the log above; `gpuline train --run-id` resumes from the newest checkpoint",
         )
     return None
-
-
-def _upload_model(storage: Storage, output_dir: Path, prefix: str) -> list[str]:
-    if not output_dir.exists():
-        return []
-    uploaded = []
-    for path in sorted(p for p in output_dir.rglob("*") if p.is_file()):
-        key = f"{prefix}/{path.relative_to(output_dir).as_posix()}"
-        storage.put_file(path, key)
-        uploaded.append(storage.uri_for(key))
-    return uploaded
