@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import importlib
-import io
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn, TextIO, cast
 
+from gpuline import console
 from gpuline.inputs import Inputs
 
 if TYPE_CHECKING:
@@ -69,46 +67,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (fix: see `{self.prog} --help`)")
-
-
-class _Stdout(io.TextIOBase):
-    """stdout that a reader going away cannot break (``gpuline status --json | head``): what it
-    cannot take is dropped, and the command finishes, releases and exits as it would have."""
-
-    def __init__(self, inner: TextIO) -> None:
-        self.inner = inner
-        self.broken = False
-
-    def write(self, text: str) -> int:
-        if not self.broken:
-            try:
-                self.inner.write(text)
-            except BrokenPipeError:
-                self._drop()
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.broken:
-            try:
-                self.inner.flush()
-            except BrokenPipeError:
-                self._drop()
-
-    def fileno(self) -> int:
-        return self.inner.fileno()
-
-    def isatty(self) -> bool:
-        return self.inner.isatty()
-
-    def _drop(self) -> None:
-        self.broken = True
-        # Point the descriptor at /dev/null so the interpreter's last flush at exit finds no pipe either.
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self.inner.fileno())
-            os.close(null)
-        except (OSError, ValueError):
-            pass  # not a real descriptor (a test's capture): dropping the writes is enough
 
 
 def build_parser(inputs: Inputs | None = None) -> argparse.ArgumentParser:
@@ -255,7 +213,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
     gha.set_json_mode(args.json)
     stdout = sys.stdout
-    sys.stdout = cast(TextIO, _Stdout(stdout))
+    sys.stdout = cast(TextIO, console.SafeStdout(stdout))
     try:
         return _dispatch(args)
     finally:
@@ -285,7 +243,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         # The machine's fault, not the input's and not a bug: a full disk, a file gone unreadable.
         if args.debug:
             raise
-        return _fail(ctx, _os_error(exc), args)
+        return _fail(ctx, console.os_error(exc), args)
     except Exception as exc:
         _write(ctx, None, args)
         if args.debug:
@@ -333,15 +291,6 @@ def _fail(ctx: Context, exc: Exception, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}))
     return exc.exit_code
-
-
-def _os_error(exc: OSError) -> Exception:
-    from gpuline.errors import InfraError, clip
-
-    name = errno.errorcode.get(exc.errno or 0, "")
-    where = f": {clip(str(exc.filename), 200)}" if exc.filename else ""
-    hint = "free disk space and rerun" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and rerun"
-    return InfraError(f"{exc.strerror or exc}{f' ({name})' if name else ''}{where}", hint=hint)
 
 
 def _internal_error(exc: Exception, args: argparse.Namespace) -> int:

@@ -9,6 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# The longest message, hint or field an error carries. An error echoes what it was given (a value, a
+# key, a path), and a hostile input must not turn one line of output into megabytes.
+MAX_TEXT = 500
+MAX_FIELD = 120
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` on one line and at most ``limit`` characters, saying how much was cut."""
+    flat = " ".join(text.splitlines()) if "\n" in text or "\r" in text else text
+    if len(flat) <= limit:
+        return flat
+    return f"{flat[: max(limit - 30, 1)]}… ({len(flat):,} characters)"
+
+
+def clip_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, clipped (a 50 MB value is shown by its start and length)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value):,} characters)"
+    return clip(repr(value), limit)
+
 
 @dataclass
 class Location:
@@ -20,11 +40,11 @@ class Location:
     field: str | None = None
 
     def render(self) -> str:
-        where = str(self.file)
+        where = clip(str(self.file), MAX_FIELD * 2)
         if self.line is not None:
             where += f":{self.line}"
         if self.field:
-            where += f": {self.field}"
+            where += f": {clip(self.field, MAX_FIELD)}"
         return where
 
 
@@ -35,9 +55,10 @@ class GpulineError(Exception):
     title = "gpuline error"
 
     def __init__(self, message: str, *, hint: str | None = None, location: Location | None = None) -> None:
+        message = clip(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = clip(hint) if hint is not None else None
         self.location = location
         # What the failing step produced before it failed (a gpuline.results.StepResult: a denied
         # estimate, a failed gate), written out by the CLI before the error itself.

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from gpuline.errors import GpulineError
+from gpuline.errors import GpulineError, PolicyDenied
 from gpuline.runs import LeaseRecord, Ledger, utcnow
 from gpuline.spec import Policy
 
@@ -68,6 +68,12 @@ def estimate_wait(ledger: Ledger, policy: Policy, lane: str, now: datetime | Non
     if lane_policy is None:
         return QueueEstimate(lane, None, len(active), 0, 0.0, 0.0, "the policy sets no capacity for this lane")
     capacity = lane_policy.capacity
+    if capacity == 0:
+        # A closed lane: no machine may ever start in it, so there is no wait to estimate.
+        raise PolicyDenied(
+            f"the policy closes the {lane} lane (lanes.{lane}.capacity: 0): no machine may run in it",
+            hint=f"use another lane (resources.lane) or raise lanes.{lane}.capacity in policy.yml",
+        )
     ahead = len(active) - capacity + 1
     if ahead <= 0:
         return QueueEstimate(lane, capacity, len(active), 0, 0.0, 0.0, "a machine is free")

@@ -7,13 +7,16 @@ another process doing the same. WAL mode lets readers proceed while a writer hol
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from gpuline.errors import InfraError, InputError, NotFoundError
 from gpuline.runs import Cap, Event, LeaseRecord, Reservation, RunRecord, Usage, utcnow
@@ -47,17 +50,103 @@ def open_sqlite(uri: str, base_dir: Path) -> SqliteLedger:
     return SqliteLedger(path)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+LOCK_TIMEOUT_S = 60
+
+
+def _guard(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise sqlite_error(getattr(args[0], "path", "the ledger"), exc) from None
+
+    return guarded
+
+
+def _guarded(cls: type[T]) -> type[T]:
+    """Every public method with SQLite's own errors turned into InfraErrors naming the ledger: a
+    corrupt page, a full disk or a lock held too long is the ledger's fault, not a bug in gpuline."""
+    for name, member in list(vars(cls).items()):
+        if callable(member) and not name.startswith("_"):
+            setattr(cls, name, _guard(member))
+    return cls
+
+
+def sqlite_error(path: object, exc: sqlite3.Error) -> InfraError:
+    text = str(exc)
+    if "full" in text:
+        return InfraError(f"the ledger {path}: {text}", hint="free disk space on the ledger's volume and rerun")
+    if "locked" in text or "busy" in text:
+        return InfraError(
+            f"the ledger {path} stayed locked by another process for {LOCK_TIMEOUT_S}s ({text})",
+            hint=f"find the process holding it (`fuser {path}`: a stuck gpuline) and end it, or retry",
+        )
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return InfraError(
+            f"the ledger {path} is corrupt ({text})",
+            hint="restore it from a backup, or move it aside to start an empty one; it is never replaced silently",
+        )
+    return InfraError(f"the ledger {path} failed: {text}", hint="retry; if it persists, check the file and its disk")
+
+
+@contextmanager
+def _decoding(path: Path, what: str) -> Iterator[None]:
+    """A stored row that no longer parses (edited by hand, a torn write): an error naming it, not a crash."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError and json's errors are ValueErrors
+        raise InfraError(
+            f"the ledger {path} holds a malformed {what} ({type(exc).__name__})",
+            hint="restore the ledger from a backup; gpuline wrote it whole, so something else changed it",
+        ) from None
+
+
+def _initialise(path: Path) -> None:
+    """Create a missing ledger whole: built under a temporary name and linked into place, so no reader
+    ever meets the zero-byte file sqlite3.connect leaves until its first write. A zero-byte ledger
+    can then only be a truncated one (a full disk, a stray ``>``), and is refused."""
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+        db.close()
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process created it first: use theirs
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+@_guarded
 class SqliteLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            _initialise(path)
+            if path.stat().st_size == 0:
+                raise InfraError(
+                    f"the ledger {path} is empty (0 bytes), so every run it recorded is gone",
+                    hint="restore it from a backup, or delete it to start an empty ledger on purpose",
+                )
+            self._db = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA busy_timeout=60000")
+            self._db.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_S * 1000}")
             self._db.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise InfraError(f"cannot open the ledger {path}: {exc}", hint="check the path is writable") from None
+        except sqlite3.Error as exc:
+            raise sqlite_error(path, exc) from None
+        except OSError as exc:
+            raise InfraError(
+                f"cannot open the ledger {path}: {exc.strerror or exc}", hint="check the path is writable"
+            ) from None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -65,7 +154,9 @@ class SqliteLedger:
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does): the original error is the one to report.
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
@@ -94,7 +185,8 @@ class SqliteLedger:
         row = self._db.execute("SELECT body FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no run {run_id!r} in the ledger {self.path}", hint="list runs with `gpuline status`")
-        return RunRecord.model_validate_json(row[0])
+        with _decoding(self.path, f"record of run {run_id}"):
+            return RunRecord.model_validate_json(row[0])
 
     def update_run(self, run_id: str, change: Callable[[RunRecord], None]) -> RunRecord:
         with self._tx() as db:
@@ -111,7 +203,8 @@ class SqliteLedger:
         if team:
             sql, args = sql + " AND team = ?", [*args, team]
         rows = self._db.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*args, limit)).fetchall()
-        return [RunRecord.model_validate_json(r[0]) for r in rows]
+        with _decoding(self.path, "run record"):
+            return [RunRecord.model_validate_json(r[0]) for r in rows]
 
     def append_event(self, run_id: str, kind: str, data: dict[str, Any] | None = None) -> Event:
         with self._tx() as db:
@@ -127,9 +220,11 @@ class SqliteLedger:
         rows = self._db.execute(
             "SELECT seq, at, kind, data FROM events WHERE run_id = ? ORDER BY seq", (run_id,)
         ).fetchall()
-        return [
-            Event(run_id=run_id, seq=s, at=datetime.fromisoformat(a), kind=k, data=json.loads(d)) for s, a, k, d in rows
-        ]
+        with _decoding(self.path, f"event of run {run_id}"):
+            return [
+                Event(run_id=run_id, seq=s, at=datetime.fromisoformat(a), kind=k, data=json.loads(d))
+                for s, a, k, d in rows
+            ]
 
     # ------------------------------------------------------------ quota
 
@@ -191,10 +286,13 @@ class SqliteLedger:
     def reservations(self, *, state: str | None = None) -> list[Reservation]:
         sql = "SELECT run_id, team, period, gpu_hours, usd, expires_at, state FROM reservations"
         rows = self._db.execute(sql + " WHERE state = ?", (state,)) if state else self._db.execute(sql)
-        return [
-            Reservation(run_id=a, team=b, period=c, gpu_hours=d, usd=e, expires_at=datetime.fromisoformat(f), state=g)
-            for a, b, c, d, e, f, g in rows.fetchall()
-        ]
+        with _decoding(self.path, "reservation"):
+            return [
+                Reservation(
+                    run_id=a, team=b, period=c, gpu_hours=d, usd=e, expires_at=datetime.fromisoformat(f), state=g
+                )
+                for a, b, c, d, e, f, g in rows.fetchall()
+            ]
 
     # ------------------------------------------------------------ leases
 
@@ -209,7 +307,8 @@ class SqliteLedger:
         row = db.execute("SELECT body FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no lease {lease_id!r} in the ledger")
-        return LeaseRecord.model_validate_json(row[0])
+        with _decoding(self.path, f"lease {lease_id}"):
+            return LeaseRecord.model_validate_json(row[0])
 
     def update_lease(self, lease_id: str, *, instance_id: str | None = None) -> None:
         with self._tx() as db:
@@ -232,7 +331,9 @@ class SqliteLedger:
 
     def leases(self, *, active_only: bool = False) -> list[LeaseRecord]:
         sql = "SELECT body FROM leases" + (" WHERE released_at IS NULL" if active_only else "")
-        return [LeaseRecord.model_validate_json(r[0]) for r in self._db.execute(sql).fetchall()]
+        rows = self._db.execute(sql).fetchall()
+        with _decoding(self.path, "lease"):
+            return [LeaseRecord.model_validate_json(r[0]) for r in rows]
 
 
 def _fits(used: tuple[float, float], r: Reservation, cap: Cap) -> bool:

@@ -6,17 +6,38 @@ never leaves half a stage file.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from gpuline.errors import NotFoundError
+from gpuline.errors import InfraError, NotFoundError
+from gpuline.filelock import locked
 from gpuline.registry.base import Audit, ModelVersion, StageChange, check_model, check_stage
 from gpuline.registry.stages import Decide, StageMoves, StageState, decode, encode, rolled_back
+
+T = TypeVar("T")
+# How long a promotion or rollback waits for another one to finish before naming it and giving up.
+LOCK_TIMEOUT_S = 60.0
+
+
+def read_file(path: Path, parse: Callable[[bytes], T]) -> T:
+    """``parse`` of the file's bytes; an unreadable or corrupt registry file is an error naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InfraError(
+            f"cannot read the registry file {path}: {exc.strerror or exc}", hint="check its permissions"
+        ) from None
+    try:
+        return parse(data)
+    except (ValueError, TypeError, KeyError) as exc:  # json's and pydantic's errors are ValueErrors
+        raise InfraError(
+            f"the registry file {path} is corrupt ({type(exc).__name__})",
+            hint="restore it from a backup; gpuline writes it atomically, so something else changed it",
+        ) from None
 
 
 def open_local(uri: str, base_dir: Path) -> LocalRegistry:
@@ -39,8 +60,7 @@ class LocalRegistry(StageMoves):
     def _locked(self, model: str) -> Iterator[Path]:
         directory = self._model_dir(model)
         (directory / "versions").mkdir(parents=True, exist_ok=True)
-        with (directory / ".lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with locked(directory / ".lock", f"the registry of {model}", LOCK_TIMEOUT_S):
             yield directory
 
     @staticmethod
@@ -81,13 +101,13 @@ class LocalRegistry(StageMoves):
         path = self._model_dir(model) / "versions" / f"{version}.json"
         if not path.exists():
             raise NotFoundError(f"model {model} has no version {version}", hint="list versions with `gpuline models`")
-        return ModelVersion.model_validate_json(path.read_text())
+        return read_file(path, ModelVersion.model_validate_json)
 
     def versions(self, model: str) -> list[ModelVersion]:
         directory = self._model_dir(model) / "versions"
         if not directory.exists():
             return []
-        found = [ModelVersion.model_validate_json(p.read_text()) for p in directory.glob("*.json")]
+        found = [read_file(p, ModelVersion.model_validate_json) for p in directory.glob("*.json")]
         return sorted(found, key=lambda v: v.version)
 
     def models(self) -> list[str]:
@@ -101,7 +121,7 @@ class LocalRegistry(StageMoves):
 
     def _state(self, model: str, stage: str) -> StageState:
         path = self._stage_file(model, stage)
-        return decode(path.read_bytes()) if path.exists() else StageState()
+        return read_file(path, decode) if path.exists() else StageState()
 
     def in_stage(self, model: str, stage: str) -> ModelVersion | None:
         current = self._state(model, stage).current

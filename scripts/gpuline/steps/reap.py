@@ -22,7 +22,7 @@ from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
-from gpuline.errors import GpulineError, NotFoundError
+from gpuline.errors import GpulineError, InputError, NotFoundError, clip_repr
 from gpuline.inputs import runner_scope
 from gpuline.lease.close import close_run, forget_lease
 from gpuline.lease.holder import holder_gone
@@ -76,8 +76,19 @@ class Plan:
         return action
 
 
+def grace_of(text: str) -> timedelta:
+    """--grace (or GPULINE_BOOT_GRACE) as a duration; anything else is an input error, not a crash."""
+    try:
+        return timedelta(seconds=parse_duration(text))
+    except ValueError as exc:
+        raise InputError(
+            f"--grace {clip_repr(text, 40)} is not a duration: {exc}",
+            hint="pass a duration such as --grace 10m or --grace 90s (GPULINE_BOOT_GRACE in the action)",
+        ) from None
+
+
 def run(ctx: Context, args: argparse.Namespace) -> DataResult:
-    grace = timedelta(seconds=parse_duration(args.grace))
+    grace = grace_of(args.grace)
     sweeps = sweep_targets(ctx, args.provider)
     actions = reap(ctx, sweeps, grace, dry_run=args.dry_run)
     for a in actions:

@@ -24,6 +24,8 @@ __all__ = ["WeekRow", "cost_chart", "render", "run", "weekly", "weeks_back"]
 
 DEFAULT_WEEKS = 4
 DEFAULT_LIMIT = 5000
+# Ten years of weeks: more than any ledger holds, and far from the dates a datetime cannot hold.
+MAX_WEEKS = 520
 
 
 @dataclass
@@ -79,6 +81,8 @@ def run(ctx: Context, args: argparse.Namespace) -> DataResult:
     weeks = getattr(args, "weeks", DEFAULT_WEEKS)
     if weeks < 1:
         raise InputError(f"--weeks {weeks} must be at least 1", hint="pass --weeks 4 for the last four weeks")
+    if weeks > MAX_WEEKS:
+        raise InputError(f"--weeks {weeks} must be at most {MAX_WEEKS} (ten years)", hint="pass fewer weeks")
     records = ctx.ledger.list_runs(team=getattr(args, "team", None) or None, limit=DEFAULT_LIMIT)
     rows = weekly(records, weeks_back(weeks))
     markdown = render(rows, records)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import secrets
@@ -12,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from gpuline.filelock import locked
 from gpuline.storage.base import (
     LOCKS,
     TMP_MARK,
@@ -124,12 +124,8 @@ class LocalStorage:
         locks = self.root / LOCKS
         locks.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
-        with (locks / f"{name}.lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with locked(locks / f"{name}.lock", f"the stored object {key}"):
+            yield
 
     def put_if(self, key: str, data: bytes, expected_etag: str | None) -> str:
         """Write ``data`` only if the object's etag is still ``expected_etag`` (None: must not exist)."""

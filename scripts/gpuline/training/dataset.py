@@ -7,9 +7,13 @@ time to load the data.
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
+import os
+import stat
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,16 +45,35 @@ class DatasetCheck:
     arrays: dict[str, dict[str, Any]]
 
 
+LineOf = Callable[[tuple[int | str, ...]], int | None]
+
+
 def sha256_file(path: Path) -> str:
+    """The file's sha256; only a regular file, whose end is known, is read (never /dev/zero or a FIFO)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def resolve(spec: Spec, project_dir: Path, config_path: Path, workdir: Path | None = None) -> Path:
-    """A local path for the dataset; remote URIs are fetched into ``workdir`` first."""
+def _where(config_path: Path, line_of: LineOf | None, *loc: str) -> Location:
+    return Location(config_path, line=line_of(loc) if line_of else None, field=".".join(loc))
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def resolve(
+    spec: Spec, project_dir: Path, config_path: Path, workdir: Path | None = None, line_of: LineOf | None = None
+) -> Path:
+    """A local path for the dataset, a regular file; remote URIs are fetched into ``workdir`` first."""
     uri = spec.dataset.uri
     if uri.startswith("s3://"):
         if workdir is None:
@@ -69,14 +92,29 @@ def resolve(spec: Spec, project_dir: Path, config_path: Path, workdir: Path | No
     if not path.exists():
         raise ConfigError(
             f"dataset not found at {path}",
-            location=Location(config_path, field="dataset.uri"),
+            location=_where(config_path, line_of, "dataset", "uri"),
             hint="fix dataset.uri (paths are relative to gpuline.yml) or create the file",
+        )
+    if not path.is_file():
+        # A folder fails to open, and a device such as /dev/zero never ends: hashing it hangs the run.
+        raise ConfigError(
+            f"the dataset {path} is {_kind(path)}",
+            location=_where(config_path, line_of, "dataset", "uri"),
+            hint="point dataset.uri at the dataset file itself (one regular file; pack a folder into one)",
         )
     return path
 
 
-def check(spec: Spec, path: Path, config_path: Path, line_of: Any = None) -> DatasetCheck:
-    actual = sha256_file(path)
+def check(spec: Spec, path: Path, config_path: Path, line_of: LineOf | None = None) -> DatasetCheck:
+    try:
+        actual = sha256_file(path)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the dataset {path.name}: {exc.strerror or exc}",
+            location=_where(config_path, line_of, "dataset", "uri"),
+            hint="make the dataset a readable regular file (check its permissions)",
+        ) from None
     if actual != spec.dataset.sha256:
         raise ConfigError(
             f"dataset hash mismatch: {path.name} has sha256 {actual}, the spec expects {spec.dataset.sha256}",
@@ -89,7 +127,7 @@ def check(spec: Spec, path: Path, config_path: Path, line_of: Any = None) -> Dat
     if spec.dataset.format == "npz":
         arrays = npz_arrays(path)
         _check_schema(spec, arrays, config_path, line_of)
-    return DatasetCheck(path=path, sha256=actual, size=path.stat().st_size, arrays=arrays)
+    return DatasetCheck(path=path, sha256=actual, size=size, arrays=arrays)
 
 
 def npz_arrays(path: Path) -> dict[str, dict[str, Any]]:
@@ -102,8 +140,14 @@ def npz_arrays(path: Path) -> dict[str, dict[str, Any]]:
                     continue
                 with zf.open(name) as fh:
                     out[name.removesuffix(".npy")] = _npy_header(fh.read(4096))
-    except (zipfile.BadZipFile, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+        # zipfile's ways to refuse an archive: corrupt, truncated, encrypted, an unknown compression.
         raise InputError(f"{path.name} is not a readable .npz file: {exc}", hint="regenerate the dataset") from None
+    except (ValueError, SyntaxError, KeyError, IndexError, TypeError, struct.error) as exc:
+        # A .npy header that does not parse, whatever the parser tripped on.
+        raise InputError(
+            f"{path.name} is not a readable .npz file: {exc or type(exc).__name__}", hint="regenerate the dataset"
+        ) from None
     return out
 
 
