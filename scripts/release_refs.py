@@ -41,12 +41,15 @@ def files(root: Path = ROOT) -> list[Path]:
 
 
 def check(root: Path = ROOT) -> list[str]:
-    """Problems: tiers calling ``./actions`` (the caller's repo), or self-references that disagree.
+    """Problems: tiers calling ``./actions`` (the caller's repo), self-references that disagree, or
+    none at all.
 
     The tiers must all name one ref (``main`` between releases, the tag on a release commit); the
-    templates must all name one version tag or SHA, never ``main``: users copy them.
+    templates must all name one version tag or SHA, never ``main``: users copy them. Finding no
+    reference is a failure, not a pass: it means the slug here no longer matches the workflows (a
+    renamed repository, a fork that rewrote one side), and every check above would hold vacuously.
     """
-    problems: list[str] = []
+    problems: list[str] = _missing(root)
     tier_refs: dict[str, set[str]] = {}
     template_refs: dict[str, set[str]] = {}
     for path in files(root):
@@ -67,6 +70,26 @@ def check(root: Path = ROOT) -> list[str]:
         if len(refs) > 1:
             found = "; ".join(f"@{ref} in {', '.join(sorted(where))}" for ref, where in sorted(refs.items()))
             problems.append(f"the {kind}' self-references disagree: {found}")
+    return problems
+
+
+def _missing(root: Path) -> list[str]:
+    """Each tier without any ``uses: SLUG/...`` reference, and templates that have none among them."""
+    problems = []
+    templates = 0
+    for path in files(root):
+        rel = path.relative_to(root).as_posix()
+        count = len(self_references(path.read_text(encoding="utf-8")))
+        if rel in TIER_FILES and count == 0:
+            problems.append(f"{rel}: no `uses: {SLUG}/...@REF` found")
+        templates += 0 if rel in TIER_FILES else count
+    if templates == 0:
+        problems.append(f"templates/workflows: no `uses: {SLUG}/...@REF` found")
+    if problems:
+        problems.append(
+            "0 references is not agreement: if the repository was renamed or forked, set SLUG in "
+            "scripts/release_refs.py and rewrite the workflows' references to match"
+        )
     return problems
 
 

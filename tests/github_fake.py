@@ -1,8 +1,9 @@
 """A stateful fake of the parts of GitHub's REST API that gpuline uses, on pytest-httpserver.
 
-It follows GitHub's published contract: issue comments (list with Link pagination, create, update,
-delete), JIT runner configs and runners, file contents at a ref, deployments and their statuses, and
-workflow runs (only those a test marked finished; any other is 404).
+It follows GitHub's published contract: the token's own user (``GET /user``, which an installation
+token such as GITHUB_TOKEN is refused with 403), issue comments with their authors (list with Link
+pagination, create, update, delete), JIT runner configs and runners, file contents at a ref,
+deployments and their statuses, and workflow runs (only those a test marked finished; any other is 404).
 Every ``url`` it returns points back at the fake, so PyGithub's object chains keep working.
 
 When GitHub's own OpenAPI description is installed (npm ``@octokit/openapi``), every request is
@@ -138,6 +139,9 @@ class FakeGitHub:
     prefix: str = ""
     # token -> "write" | "read"; empty means any token may do anything.
     tokens: dict[str, str] = field(default_factory=dict)
+    # token -> login of the user it belongs to (a PAT). Any other token is an installation token, as
+    # GITHUB_TOKEN is: GET /user refuses it and its comments are authored by github-actions[bot].
+    users: dict[str, str] = field(default_factory=dict)
     comments: dict[tuple[str, int], list[dict[str, Any]]] = field(default_factory=dict)
     runners: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
     contents: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
@@ -152,6 +156,7 @@ class FakeGitHub:
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1001))
     _injected: list[_Injected] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _token: str = ""  # of the request being handled
 
     # ------------------------------------------------------------ test helpers
 
@@ -165,6 +170,12 @@ class FakeGitHub:
     def finish_workflow_run(self, repo: str, run_id: int, conclusion: str = "cancelled") -> None:
         """GitHub's record of a workflow run that ended (a cancelled run ends ``completed``)."""
         self.workflow_runs[(repo, run_id)] = {"status": "completed", "conclusion": conclusion}
+
+    def plant_comment(self, repo: str, number: int, body: str, login: str, user_type: str = "User") -> dict[str, Any]:
+        """A comment someone else wrote (``login``), as another user or app would have posted it."""
+        comment = {"id": next(self._ids), "issue": number, "body": body, "user": self._user(login, user_type)}
+        self.comments.setdefault((repo, number), []).append(comment)
+        return comment
 
     def comments_on(self, repo: str, number: int) -> list[dict[str, Any]]:
         return self.comments.get((repo, number), [])
@@ -208,6 +219,7 @@ class FakeGitHub:
                 return self._error(401, "Bad credentials")
             if self.tokens[token] != "write" and request.method != "GET":
                 return self._error(403, "Resource not accessible by integration")
+        self._token = token
         for method, pattern, handler in self._routes():
             m = re.fullmatch(pattern, path)
             if m and method == request.method:
@@ -217,6 +229,7 @@ class FakeGitHub:
     def _routes(self) -> list[tuple[str, str, Any]]:
         repo = r"/repos/([^/]+/[^/]+)"
         return [
+            ("GET", r"/user", self._get_user),
             ("GET", repo, self._get_repo),
             ("GET", rf"{repo}/issues/(\d+)", self._get_issue),
             ("GET", rf"{repo}/issues/(\d+)/comments", self._list_comments),
@@ -254,13 +267,24 @@ class FakeGitHub:
             "private": False,
         }
 
+    def _user(self, login: str, user_type: str = "User") -> dict[str, Any]:
+        # GitHub's simple-user: stable ids, so one login is one account.
+        ident = 41898282 if login == "github-actions[bot]" else int(hashlib.sha1(login.encode()).hexdigest()[:7], 16)
+        return {"login": login, "id": ident, "type": user_type, "url": f"{self.base_url}/users/{login}"}
+
+    def _author(self) -> dict[str, Any]:
+        """Who the current request's token writes as."""
+        login = self.users.get(self._token)
+        return self._user(login) if login else self._user("github-actions[bot]", "Bot")
+
     def _comment_json(self, repo: str, comment: dict[str, Any]) -> dict[str, Any]:
         return {
+            # Comments a test stored without an author were written by GITHUB_TOKEN.
+            "user": self._user("github-actions[bot]", "Bot"),
             **comment,
             "url": f"{self.base_url}/repos/{repo}/issues/comments/{comment['id']}",
             "html_url": f"{self.base_url}/{repo}/pull/{comment['issue']}#issuecomment-{comment['id']}",
             "issue_url": f"{self.base_url}/repos/{repo}/issues/{comment['issue']}",
-            "user": {"login": "github-actions[bot]", "id": 41898282, "type": "Bot"},
         }
 
     def _find_comment(self, repo: str, comment_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
@@ -273,6 +297,13 @@ class FakeGitHub:
         return None
 
     # ------------------------------------------------------------ handlers
+
+    def _get_user(self, request: Request, body: Any) -> Response:
+        login = self.users.get(self._token)
+        if login is None:
+            # What GitHub answers an installation token (GITHUB_TOKEN) on GET /user.
+            return self._error(403, "Resource not accessible by integration")
+        return self._json({**self._user(login), "name": login, "html_url": f"{self.base_url}/{login}"})
 
     def _get_repo(self, request: Request, body: Any, repo: str) -> Response:
         return self._json(self._repo_json(repo))
@@ -305,7 +336,7 @@ class FakeGitHub:
         return self._json([self._comment_json(repo, c) for c in chunk], headers=headers)
 
     def _create_comment(self, request: Request, body: Any, repo: str, number: str) -> Response:
-        comment = {"id": next(self._ids), "issue": int(number), "body": body["body"]}
+        comment = {"id": next(self._ids), "issue": int(number), "body": body["body"], "user": self._author()}
         self.comments.setdefault((repo, int(number)), []).append(comment)
         return self._json(self._comment_json(repo, comment), 201)
 

@@ -15,7 +15,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIONS = sorted(p.parent for p in (ROOT / "actions").glob("*/action.yml"))
-COMMAND_ACTIONS = [a for a in ACTIONS if a.name != "setup"]
+# The guard only reads the event: it installs nothing and runs no gpuline command.
+INSTALLING_ACTIONS = [a for a in ACTIONS if a.name != "guard"]
+COMMAND_ACTIONS = [a for a in INSTALLING_ACTIONS if a.name != "setup"]
 # action -> (gpuline command, outputs the command contract promises)
 CONTRACT = {
     "preflight": ("preflight", {"run-id", "verdict"}),
@@ -48,6 +50,7 @@ def ids(actions: list[Path]) -> list[str]:
 def test_every_action_of_the_contract_exists() -> None:
     assert {a.name for a in COMMAND_ACTIONS} == set(CONTRACT)
     assert (ROOT / "actions/setup/action.yml").exists()
+    assert (ROOT / "actions/guard/action.yml").exists()
 
 
 @pytest.mark.parametrize("action", ACTIONS, ids=ids(ACTIONS))
@@ -85,7 +88,9 @@ def test_inputs_reach_the_command_only_through_env(action: Path) -> None:
     used |= set(re.findall(r"inputs\.([a-z0-9-]+)", str(run.get("working-directory", ""))))
     setup = next(s for s in steps(action) if s.get("id") == "setup")
     used |= set(re.findall(r"inputs\.([a-z0-9-]+)", str(setup.get("env", {}))))
-    assert used == set(data["inputs"]), "every input is used, and only through env: or working-directory"
+    # uv-cache goes to setup-uv's own `with:` (an expression, never a script).
+    used |= set(re.findall(r"inputs\.([a-z0-9-]+)", str(steps(action)[0].get("with", {}))))
+    assert used == set(data["inputs"]), "every input is used, and only through env:, working-directory or setup-uv"
     for script in (str(s.get("run", "")) for s in steps(action)):
         assert "${{" not in script
 
@@ -123,7 +128,7 @@ def test_every_action_can_install_the_cloud_sdks(action: Path) -> None:
 
 
 def test_only_training_actions_default_to_torch() -> None:
-    for action in ACTIONS:
+    for action in INSTALLING_ACTIONS:
         inputs = meta(action)["inputs"]
         default = inputs.get("extras", {}).get("default", "")
         setup_env = str(steps(action)[1]["env"]["GPULINE_EXTRAS"])
@@ -281,7 +286,7 @@ def test_setup_needs_runner_temp(tmp_path: Path) -> None:
 
 def test_the_uv_cache_key_follows_the_project_s_dependencies() -> None:
     # A fixed key ("") saves the first cache and serves it forever, whatever the project later needs.
-    for action in ACTIONS:
+    for action in INSTALLING_ACTIONS:
         for step in steps(action):
             if str(step.get("uses", "")).startswith("astral-sh/setup-uv@"):
                 globs = str(step["with"]["cache-dependency-glob"]).split()

@@ -19,8 +19,6 @@ from gpuline import gha
 from gpuline.errors import GpulineError, InputError
 from gpuline.inputs import Inputs, github_token
 
-# GitHub rejects comment bodies longer than this.
-MAX_BODY_CHARS = 65536
 SECTION_ORDER = ("preflight", "estimate", "actual")
 
 
@@ -41,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--key",
         default=Inputs.from_env().comment_key,
         help="which sticky comment (default: the config path, shared by every tier)",
+    )
+    p.add_argument(
+        "--bot-login",
+        default=None,
+        metavar="LOGIN",
+        help="who a GitHub App token comments as (e.g. my-app[bot]); GITHUB_TOKEN's is github-actions[bot]",
     )
     p.add_argument("--pr", type=int, default=None, help="PR number (default: from the event)")
     p.add_argument("--repo", default=None, help="OWNER/REPO (default: GITHUB_REPOSITORY)")
@@ -72,13 +76,7 @@ def _read_sections(names: list[str], files: list[str]) -> dict[str, str]:
         except OSError as exc:
             raise InputError(f"cannot read comment body {file}: {exc.strerror}", hint="check the path") from None
         sections[name] = text
-    total = sum(len(t) for t in sections.values())
-    if total > MAX_BODY_CHARS - 2000:
-        keep = (MAX_BODY_CHARS - 2000) // len(sections)
-        sections = {
-            n: t if len(t) <= keep else t[:keep] + "\n\n_(truncated: see the job summary for the rest)_"
-            for n, t in sections.items()
-        }
+    # The size limit is GitHub's on the whole body, sections already there included: the upsert keeps it.
     return sections
 
 
@@ -107,7 +105,12 @@ def run(args: argparse.Namespace) -> dict[str, str]:
         return _skip("no GitHub token was given (set GITHUB_TOKEN on the step)")
     try:
         result = github.upsert_sticky_comment(
-            pr, sections, key=args.key or default_key(), order=SECTION_ORDER, gh=github.client(token)
+            pr,
+            sections,
+            key=args.key or default_key(),
+            order=SECTION_ORDER,
+            gh=github.client(token),
+            bot_login=args.bot_login,
         )
     except github.GitHubPermissionError as exc:
         # Expected on fork PRs: their GITHUB_TOKEN is read-only whatever the workflow asks for.

@@ -1,7 +1,8 @@
 """The pricing catalog: what an instance costs and how its provider rounds the bill.
 
 Shipped as data (``data/pricing.yaml``) and overridable per repo with a ``pricing.yaml`` beside
-gpuline.yml, merged over the shipped one key by key.
+gpuline.yml, merged over the shipped one key by key. Prices decide money, so on a pull request the
+override is the trusted base's copy (passed in as text), never the one in the PR's working tree.
 """
 
 from __future__ import annotations
@@ -126,15 +127,19 @@ def _shipped() -> dict[str, Any]:
     return data
 
 
-def load_catalog(project_dir: Path | None = None) -> Catalog:
-    """The shipped catalog with the repo's ``pricing.yaml`` (beside gpuline.yml) merged over it."""
+def load_catalog(project_dir: Path | None = None, *, override_text: str | None = None) -> Catalog:
+    """The shipped catalog with the repo's ``pricing.yaml`` (beside gpuline.yml) merged over it.
+
+    ``override_text`` is that file's text as the trusted ref has it ("" when the ref has none); when
+    given, the working tree's copy is not read at all.
+    """
     data = _deep_merge({}, _shipped())
     override = project_dir / CATALOG_FILE if project_dir else None
     doc = None
-    if override is not None and override.exists():
+    if override is not None and (override_text is not None or override.exists()):
         from gpuline.yamlsource import load_yaml
 
-        doc = load_yaml(override)
+        doc = load_yaml(override, override_text)
         if doc.data is not None and not isinstance(doc.data, dict):
             raise ConfigError(
                 "expected a mapping at the top level",

@@ -26,11 +26,13 @@ from gpuline.github.api import (
     translate_error,
 )
 from gpuline.github.comments import (
+    MAX_BODY_CHARS,
     CommentResult,
     PullRequestRef,
     current_pull_request,
     merge_sections,
     sticky_marker,
+    token_login,
     upsert_sticky_comment,
 )
 from gpuline.github.deployments import DeploymentState, create_deployment, set_deployment_status
@@ -46,6 +48,7 @@ from gpuline.github.runners import (
 __all__ = [
     "DEFAULT_API_URL",
     "DEFAULT_RETRIES",
+    "MAX_BODY_CHARS",
     "RUNNER_PERMISSION_HINT",
     "CommentResult",
     "DeploymentState",
@@ -68,6 +71,7 @@ __all__ = [
     "status_of",
     "sticky_marker",
     "token_from_env",
+    "token_login",
     "translate_error",
     "upsert_sticky_comment",
 ]

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from gpuline.decisions.cost import CostEstimate, billing_text
+from collections.abc import Sequence
+
+from gpuline.decisions.cost import Basis, CostEstimate, billing_text
 from gpuline.decisions.policy import Decision, approval_how
+from gpuline.decisions.policy_source import ProposedChange
 from gpuline.decisions.queue import QueueEstimate
 from gpuline.render.markdown import key_value_table as table
 from gpuline.runs import RunRecord
 from gpuline.spec import Policy
 
 COMMENT_MARKER = "<!-- gpuline:cost-estimate -->"
+# How much each kind of evidence is worth: a change is shown only between estimates of one kind.
+_EVIDENCE: dict[Basis, tuple[int, str]] = {
+    "history": (3, "finished runs (history)"),
+    "smoke": (2, "the CPU smoke test's step time"),
+    "max_duration": (1, "max_duration (an upper bound)"),
+}
 
 
 # ---------------------------------------------------------------- the PR comment
@@ -60,24 +69,64 @@ def render_comment(
     run_id: str,
     tier: str,
     queue: QueueEstimate | None = None,
+    proposed: Sequence[ProposedChange] = (),
 ) -> str:
-    """The sticky PR comment (also the job summary): the estimate, against the base branch's when given."""
+    """The sticky PR comment (also the job summary): the estimate, against the base branch's when given,
+    and the PR's proposed changes to the trusted files, which did not decide anything."""
     icon = {"allow": ":white_check_mark:", "warn": ":warning:", "deny": ":no_entry:"}[decision.decision]
     metrics = _metrics(est, base)
     lines = [COMMENT_MARKER, f"### {icon} gpuline cost estimate: {decision.decision}", ""]
     if base is not None:
+        unlike = unlike_evidence(est, base)
         lines += ["| | base | this PR | change |", "|---|---|---|---|"]
-        lines += [f"| {name} | {b} | {h} | {_delta(hv, bv)} |" for name, h, b, hv, bv in metrics]
+        for i, (name, h, b, hv, bv) in enumerate(metrics):
+            # The last row (the max_duration cap) is the same estimator on both sides whatever the evidence.
+            change = "not comparable" if unlike and i < len(metrics) - 1 else _delta(hv, bv)
+            lines.append(f"| {name} | {b} | {h} | {change} |")
+        lines += [f"_{unlike}_"] if unlike else []
     else:
         lines.append(table([(name, h) for name, h, _, _, _ in metrics], ("", "")))
     lines += ["", table(_details(est, decision, base, queue), ("", "")), ""]
     lines += _why(decision, policy)
+    lines += proposed_lines(proposed)
     lines.append(
         f"<sub>run {run_id} · estimated for the {tier} tier · pricing catalog {est.catalog_version}"
         + "".join(f" · {note}" for note in est.notes)
         + "</sub>"
     )
     return "\n".join(lines) + "\n"
+
+
+def unlike_evidence(est: CostEstimate, base: CostEstimate) -> str | None:
+    """None when this PR and the base rest on one kind of evidence; else which side is weaker.
+
+    A percentage between a smoke-test estimate and a max_duration bound would measure the evidence,
+    not the change (a PR adding a third more steps showed -100%)."""
+    head_rank, head_what = _EVIDENCE[est.duration.basis]
+    base_rank, base_what = _EVIDENCE[base.duration.basis]
+    if head_rank == base_rank:
+        return None
+    weaker = "the base" if base_rank < head_rank else "this PR"
+    return (
+        f"The base is estimated from {base_what} and this PR from {head_what}: {weaker} has the weaker "
+        "evidence, so no change is shown."
+    )
+
+
+def proposed_lines(proposed: Sequence[ProposedChange]) -> list[str]:
+    """The PR's edits to policy and prices: listed for review, never used for this decision."""
+    if not proposed:
+        return []
+    names = ", ".join(f"`{c.name}`" for c in proposed)
+    lines = [
+        f"**Proposed change to {names}** (not used: this decision follows the base branch's copy; "
+        "the change takes effect once it is reviewed and merged).",
+        "",
+    ]
+    for change in proposed:
+        body = change.diff.replace("````", "` ` ` `")
+        lines += [f"<details><summary>{change.name}</summary>", "", "````diff", body, "````", "", "</details>", ""]
+    return lines
 
 
 def _metrics(est: CostEstimate, base: CostEstimate | None) -> list[Metric]:

@@ -3,6 +3,10 @@
 On a pull request (tier pr-fast, which buys nothing) the question is what the change will cost once
 it trains, so the estimate is for the tier that trains after merge (nightly, or
 ``GPULINE_ESTIMATE_TIER``), and nothing is reserved.
+
+Whatever decides money comes from the trusted ref when one is given (``--policy-ref``): the policy
+(budgets, lanes, approvals) through the context, and the pricing override here. The PR's own copies
+of those files are shown in the comment as a proposed change and never used.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from gpuline.context import Context
 from gpuline.decisions import quota
 from gpuline.decisions.cost import CostEstimate, DurationEstimate, estimate, estimate_duration
 from gpuline.decisions.policy import approvals_from
-from gpuline.decisions.pricing import Catalog, load_catalog
+from gpuline.decisions.policy_source import ProposedChange, proposed_change, read_at_ref
+from gpuline.decisions.pricing import CATALOG_FILE, Catalog, load_catalog
 from gpuline.decisions.queue import estimate_wait
 from gpuline.errors import ConfigError, InputError, PolicyDenied
 from gpuline.render.cost_comment import COMMENT_MARKER, log_lines, render_comment
@@ -55,7 +60,7 @@ def cost_estimate(
     with recorded(ctx, "cost-estimate"):
         target = estimate_tier(ctx.tier, ctx.inputs.estimate_tier)
         spec = ctx.spec if target == ctx.tier else ctx.base_spec.for_tier(target)
-        catalog = load_catalog(ctx.project_dir)
+        catalog, proposed = _trusted_catalog(ctx)
         duration_of = _durations(ctx.ledger, catalog, record.smoke_step_s)
         est = estimate(spec, catalog, duration_of(spec))
         now = utcnow()
@@ -86,7 +91,9 @@ def cost_estimate(
             estimate_tier=target,
             reserved=reserved,
         )
-        comment = render_comment(est, decision, base, policy=ctx.policy, run_id=record.run_id, tier=target, queue=queue)
+        comment = render_comment(
+            est, decision, base, policy=ctx.policy, run_id=record.run_id, tier=target, queue=queue, proposed=proposed
+        )
         comment_path = ctx.workdir(record.run_id) / "cost-comment.md"
         comment_path.write_text(comment, encoding="utf-8")
         result = EstimateResult(
@@ -106,6 +113,23 @@ def cost_estimate(
             denied = PolicyDenied("; ".join(decision.reasons), hint="; ".join(decision.suggestions) or None)
             raise denied.with_result(result)
     return result
+
+
+def _trusted_catalog(ctx: Context) -> tuple[Catalog, list[ProposedChange]]:
+    """The pricing catalog that decides, and the PR's proposed changes to the trusted files.
+
+    With a trusted ref the override is that ref's ``pricing.yaml``: a PR that cuts its own prices
+    would otherwise turn a deny into an allow while the base's budget is honoured to the letter.
+    """
+    ref = ctx.policy_ref
+    if not ref:
+        return load_catalog(ctx.project_dir), []
+    pricing = ctx.project_dir / CATALOG_FILE
+    trusted_pricing = read_at_ref(ref, pricing, default="")
+    policy = ctx.policy_path or ctx.project_dir / "policy.yml"
+    trusted_policy = read_at_ref(ref, policy, default="")
+    changes = [proposed_change(pricing, trusted_pricing), proposed_change(policy, trusted_policy)]
+    return load_catalog(ctx.project_dir, override_text=trusted_pricing), [c for c in changes if c]
 
 
 def _say_retrying() -> None:
@@ -136,7 +160,6 @@ def _durations(ledger: Ledger, catalog: Catalog, smoke_step_s: float | None) -> 
 
 def _base_estimate(ctx: Context, base_ref: str, catalog: Catalog, tier: str) -> CostEstimate | None:
     """The same estimate for the base branch's gpuline.yml, for the PR's diff."""
-    from gpuline.decisions.policy_source import read_at_ref
     from gpuline.spec import _validate
     from gpuline.yamlsource import load_yaml
 
