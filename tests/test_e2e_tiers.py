@@ -1,11 +1,12 @@
 """The GPU tiers end to end, as a consuming repository runs them, with no shortcut.
 
 A repository outside the work tree holds the reference project (templates/example), its own
-gpuline.yml (provider ec2, a DynamoDB ledger and S3 storage on moto's server, a registry folder
-shared by every run) and the callers of templates/workflows/ copied byte for byte, which call the
-tiers by their release reference ``gpuline/gpuline/.github/workflows/<tier>.yml@v1`` (act maps it to
-a snapshot of this work tree). Every workflow runs under ``act`` in host mode; each act invocation
-is a workflow run of its own, with nothing carried between them but the shared backends.
+gpuline.yml (provider ec2, a DynamoDB ledger and S3 storage on moto's server, an MLflow registry
+on a real ``mlflow server`` shared by every run, eval.command and a deploy hook) and the callers of
+templates/workflows/ copied byte for byte, which call the tiers by their release reference
+``gpuline/gpuline/.github/workflows/<tier>.yml@v1`` (act maps it to a snapshot of this work tree).
+Every workflow runs under ``act`` in host mode; each act invocation is a workflow run of its own,
+with nothing carried between them but the shared backends.
 
 * nightly (workflow_dispatch) with a runner token and no gpu-runner-label: the lease, an instance on
   moto, a just-in-time runner registered on the GitHub fake; the train job runs on that runner's
@@ -13,9 +14,13 @@ is a workflow run of its own, with nothing carried between them but the shared b
   GitHub returned; checkpoints land in S3; eval gate and promotion run; teardown terminates the
   instance, deletes the runner, settles the reservation.
 * release, a separate run: its estimate learns from the shared ledger's history (nightly's run
-  among it), it trains a new run from step 0 and promotes to production in the shared registry
-  (act does not implement `environment:`: its job model has no such key, so no reviewer is waited
-  for).
+  among it), it trains a new run from step 0, promotes to production in the shared registry and
+  deploys it (a GitHub deployment); the check after promotion fetches it back and passes (act does
+  not implement `environment:`: its job model has no such key, so no reviewer is waited for).
+* a second release, a run of its own: gated against the first one's production version (both
+  evaluated by eval.command in the gate job); the stored files of the version it promotes are
+  damaged once it is deployed, so the check after promotion fails and the rollback job puts
+  production back on the first release's version; ``gpuline models`` shows who did what.
 * a nightly ended right after provision (act killed, as a force-cancelled run ends), then the
   reaper tier through its caller: the instance is terminated and the reservation freed.
 
@@ -33,6 +38,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -74,7 +80,7 @@ JOB_LINE = re.compile(r"^\[(?P<job>[^\]]+)\]\s+(?P<mark>🏁|⭐|✅|❌|🚧)\s
 @dataclass
 class Consumer:
     repo: Path
-    registry: Path
+    registry: str
     act: Act
     moto: MotoServer
     host_env: dict[str, str]
@@ -153,7 +159,11 @@ def wheel_folder() -> Path:
     return folder
 
 
-def consumer_config(ami: str, registry: Path) -> str:
+# The consumer's deploy hook: what a team would point at its serving endpoint.
+DEPLOY = "import os; print('serving', os.environ['GPULINE_MODEL'], 'v' + os.environ['GPULINE_MODEL_VERSION'])"
+
+
+def consumer_config(ami: str, registry: str) -> str:
     """The consumer's own gpuline.yml: the reference project on ec2, with shared backends."""
     data = yaml.safe_load((EXAMPLE / "gpuline.yml").read_text(encoding="utf-8"))
     data["resources"] = {
@@ -170,8 +180,9 @@ def consumer_config(ami: str, registry: Path) -> str:
     data["backends"] = {
         "ledger": f"dynamodb://{TABLE}",
         "storage": f"s3://{BUCKET}/gpuline",
-        "registry": registry.as_uri(),
+        "registry": registry,
     }
+    data["deploy"] = {"command": ["python", "-c", DEPLOY]}
     data["hyperparameters"]["steps"] = 300
     # Nightly and release train the same config here, so each learns the other's duration.
     data["tiers"] = {}
@@ -179,7 +190,9 @@ def consumer_config(ami: str, registry: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def consumer(tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer) -> Iterator[Consumer]:
+def consumer(
+    tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, mlflow_server: str
+) -> Iterator[Consumer]:
     wheels = wheel_folder()
     moto_server.reset()
     work = tmp_path_factory.mktemp("e2e")
@@ -192,7 +205,7 @@ def consumer(tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer) 
 
     repo = work / "consumer"
     shutil.copytree(EXAMPLE, repo, ignore=shutil.ignore_patterns(".gpuline*", "__pycache__"))
-    registry = work / "shared" / "registry"  # one path every run reaches: the shared registry
+    registry = f"mlflow+{mlflow_server}"  # the registry every run shares
     (repo / "gpuline.yml").write_text(consumer_config(ami, registry), encoding="utf-8")
     workflows = repo / ".github/workflows"
     workflows.mkdir(parents=True)
@@ -551,7 +564,7 @@ def test_release_learns_from_the_shared_ledger_trains_a_new_run_and_promotes_to_
     # cancelled_nightly (test c's) runs beside this release run: independent workflow runs.
     from gpuline.registry import open_registry
 
-    registry = open_registry(aws.registry.as_uri(), aws.repo)
+    registry = open_registry(aws.registry, aws.repo)
     staged = registry.in_stage("digits-mlp", "staging")
     nightly_runs = [r for r in aws.ledger().list_runs(model="digits-mlp") if r.tier == "nightly"]
     result = aws.run("release.yml", github)
@@ -590,13 +603,106 @@ def test_release_learns_from_the_shared_ledger_trains_a_new_run_and_promotes_to_
     production = registry.in_stage("digits-mlp", "production")
     assert production is not None and production.run_id == run_id
     assert staged is not None and production.version == staged.version + 1
-    assert f"production points at version {production.version}" in log
+    assert f"production holds version {production.version} and passed its check" in log
+    # eval.command ran in the gate job (on the candidate; nothing was in production yet) and again
+    # on the version fetched back from the registry by the check after promotion.
+    assert "Baseline: none yet" in summary(log, "### :white_check_mark: gpuline eval gate: pass"), relevant(log)
+    assert f"digits-mlp v{production.version} in production passes its check" in log, relevant(log)
+    assert "evaluated again by eval.command: gates pass" in log
+    # The deploy hook ran with the promoted version, recorded as a deployment of the commit.
+    assert f"serving digits-mlp v{production.version}" in log
+    (deployment,) = [d for d in github.deployments[REPO].values() if d["payload"]["version"] == production.version]
+    assert deployment["environment"] == "production"
+    assert [s["state"] for s in github.statuses[deployment["id"]]] == ["in_progress", "success"]
     print(f"production: digits-mlp v{production.version} (staging keeps v{staged.version})")
 
     (instance,) = instances(aws, run_id)
     assert instance["State"]["Name"] == "terminated"
     assert github.runners.get(REPO, {}) == {} and github.jit_configs.keys() == {f"gpuline-{run_id}"}
     assert [r.state for r in aws.ledger().reservations() if r.run_id == run_id] == ["settled"]
+    assert github.violations == []
+
+
+# ---------------------------------------------------------------- d. a second release whose check fails
+
+
+def damage_when_deployed(consumer: Consumer, github: FakeGitHub) -> list[str]:
+    """Once a deployment is marked successful, overwrite its model's weights in S3: the store losing
+    or altering a version after promotion, which the check after promotion must catch.
+
+    The deployment status is the moment promote has finished, so the damage is in place before the
+    check job starts, whatever the machine's speed."""
+    damaged: list[str] = []
+    create_status = github._create_status
+
+    def hook(request: Any, body: Any, repo: str, deployment_id: str) -> Any:
+        response = create_status(request, body, repo, deployment_id)
+        if body.get("state") == "success" and not damaged:
+            uri = github.deployments[repo][int(deployment_id)]["payload"]["artifacts_uri"]
+            key = uri.removeprefix(f"s3://{BUCKET}/") + "/model.pt"
+            consumer.s3().put_object(Bucket=BUCKET, Key=key, Body=b"not the model that was registered")
+            damaged.append(key)
+        return response
+
+    github._create_status = hook  # type: ignore[method-assign]
+    return damaged
+
+
+def test_a_second_release_is_gated_against_the_first_and_rolled_back_when_its_check_fails(
+    aws: Consumer, github: FakeGitHub
+) -> None:
+    from gpuline.registry import open_registry
+
+    registry = open_registry(aws.registry, aws.repo)
+    first = registry.in_stage("digits-mlp", "production")
+    assert first is not None, "the first release promoted nothing"
+    damaged = damage_when_deployed(aws, github)
+    result = aws.run("release.yml", github)
+    assert result.returncode != 0, "the rollback job fails the workflow run, saying why"
+    assert_jobs(
+        result,
+        {
+            "eval gate": "succeeded",
+            "promote to production": "succeeded",
+            "check production after promotion": "failed",
+            "roll production back": "failed",
+            "teardown (always)": "succeeded",
+        },
+    )
+    log = result.log
+    run_id = run_id_of(log)
+    # Gated against the first release's production version, both evaluated in the gate job.
+    gate = summary(log, "### :white_check_mark: gpuline eval gate: pass")
+    assert f"Baseline: v{first.version} (production; evaluated in this job)" in gate, relevant(log)
+    # Promoted as v+1 and deployed, then its stored weights were damaged: the check caught it.
+    assert damaged and f"/{run_id}/model/model.pt" in damaged[0]
+    assert "model.pt does not match its recorded sha256" in log, relevant(log)
+    assert "production failed its check after promotion and was rolled back" in log
+    # Production is the first release's version again, in the registry every run shares.
+    now = registry.in_stage("digits-mlp", "production")
+    assert now is not None and now.version == first.version
+    record = aws.ledger().get_run(run_id)
+    assert (record.status, record.stage, record.promoted_version) == ("refused", "verify", first.version + 1)
+
+    # `gpuline models` shows the history with who moved production and why.
+    shown = subprocess.run(
+        [sys.executable, "-m", "gpuline.cli", "models", "digits-mlp", "--json"],
+        cwd=aws.repo,
+        env={**os.environ, **aws.host_env, "GPULINE_REGISTRY": aws.registry},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    (model,) = json.loads(shown.stdout)["models"]
+    back, promoted = model["history"][:2]
+    assert (back["action"], back["version"], back["previous"]) == ("rollback", first.version, first.version + 1)
+    assert back["reason"] == "production failed its check after promotion" and back["actor"]
+    assert back["run_id"] == run_id
+    assert (promoted["action"], promoted["version"], promoted["run_id"]) == ("promote", first.version + 1, run_id)
+    assert promoted["reason"].startswith("gates passed:") and promoted["actor"] == back["actor"]
+    print(f"second release {run_id}: v{first.version + 1} promoted, check failed, production back at v{first.version}")
+    print(f"history: {[(c['action'], c['version'], c['actor']) for c in model['history'][:3]]}")
     assert github.violations == []
 
 

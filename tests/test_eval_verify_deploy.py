@@ -21,7 +21,7 @@ import pytest
 from conftest import write_project
 from github_fake import FakeGitHub
 
-TRAIN = '''
+TRAIN = """
 import json, os, pathlib, sys
 
 
@@ -42,9 +42,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
-EVAL = '''
+EVAL = """
 import json, os, pathlib
 
 model = pathlib.Path(os.environ["GPULINE_MODEL_PATH"])
@@ -57,15 +57,15 @@ if os.environ.get("BREAK_AFTER_PROMOTION") and "verify-" in str(out):
     score = -5.0  # what a model that no longer works scores
 out.write_text(json.dumps({"score": score}))
 print(f"scored {score} on {n} bytes")
-'''
+"""
 
-DEPLOY = '''
+DEPLOY = """
 import json, os, pathlib, sys
 
 keys = ("GPULINE_MODEL", "GPULINE_MODEL_VERSION", "GPULINE_STAGE", "GPULINE_ARTIFACTS_URI")
 pathlib.Path("deployed.jsonl").open("a").write(json.dumps({k: os.environ.get(k) for k in keys}) + "\\n")
 sys.exit(3 if os.environ.get("DEPLOY_FAILS") else 0)
-'''
+"""
 
 GATES = """eval:
   command: [python, eval.py]
@@ -88,7 +88,7 @@ def cli(project: Path, *args: str, env: dict[str, str] | None = None) -> tuple[i
 
 
 def make_project(root: Path, extra: str = GATES) -> Path:
-    config = write_project(root, spec_extra=extra, train_py=TRAIN)
+    write_project(root, spec_extra=extra, train_py=TRAIN)
     (root / "eval.py").write_text(EVAL)
     (root / "deploy.py").write_text(DEPLOY)
     return root
@@ -172,7 +172,7 @@ def test_metrics_that_no_longer_pass_fail_the_check(project: Path) -> None:
 
 def test_a_failed_check_in_gpuline_run_rolls_production_back(project: Path) -> None:
     assert cli(project, "run", "--tier", "release")[0] == 0
-    code, body, err = cli(project, "run", "--tier", "release", env={"BREAK_AFTER_PROMOTION": "1"})
+    code, _, err = cli(project, "run", "--tier", "release", env={"BREAK_AFTER_PROMOTION": "1"})
     assert code == 1 and "no longer passes its gates" in err
     assert production(project) == 1
     rollback = models(project)["history"][0]
@@ -197,13 +197,13 @@ def test_without_eval_command_the_check_still_verifies_checksums(tmp_path: Path)
 
 def test_eval_command_errors_are_one_clear_line(project: Path) -> None:
     (project / "eval.py").write_text("import sys\nsys.exit(4)\n")
-    code, body, err = cli(project, "run", "--tier", "nightly")
+    code, _, err = cli(project, "run", "--tier", "nightly")
     assert code == 1 and "eval.command failed (exit 4)" in err
     (project / "eval.py").write_text("print('no metrics')\n")
-    code, body, err = cli(project, "run", "--tier", "nightly")
+    code, _, err = cli(project, "run", "--tier", "nightly")
     assert code == 1 and "eval.command wrote no metrics" in err
     (project / "eval.py").unlink()
-    code, body, err = cli(project, "preflight")
+    code, _, err = cli(project, "preflight")
     assert code == 2 and "eval.command" in err and "eval.py does not exist" in err
     assert "Traceback" not in err
 
@@ -213,7 +213,7 @@ DEPLOY_SPEC = GATES + "deploy:\n  command: [python, deploy.py]\n"
 
 def test_deploy_runs_after_promotion_with_the_version_in_its_environment(tmp_path: Path) -> None:
     project = make_project(tmp_path / "dep", DEPLOY_SPEC)
-    code, body, err = cli(project, "run", "--tier", "nightly")
+    code, _, err = cli(project, "run", "--tier", "nightly")
     assert code == 0, err
     assert not (project / "deployed.jsonl").exists()  # staging is not in deploy.stages
     code, body, err = cli(project, "run", "--tier", "release")
@@ -252,7 +252,7 @@ def test_a_deploy_in_actions_is_a_github_deployment_with_its_status(tmp_path: Pa
     }
     assert cli(project, "run", "--tier", "release", env=env)[0] == 0
     code, _, err = cli(project, "run", "--tier", "release", env={**env, "DEPLOY_FAILS": "1"})
-    assert code == 1
+    assert code == 1, err
     first, second = sorted(fake_github.deployments["acme/vision"].values(), key=lambda d: d["id"])
     assert (first["ref"], first["environment"], first["payload"]["version"]) == ("c" * 40, "production", 1)
     assert [s["state"] for s in fake_github.statuses[first["id"]]] == ["in_progress", "success"]

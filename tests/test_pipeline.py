@@ -72,8 +72,8 @@ def test_release_promotes_production_and_rollback_restores_the_previous(example:
     assert (first["version"], first["stage"]) == (2, "production")
     second = as_json(gpuline(example, "run", "--tier", "release", "--json"))
     assert (second["version"], second["stage"]) == (3, "production")
-    # The second release was gated against the first one's metrics.
-    assert second["eval-gate"]["baseline"] == "v2 (production)"
+    # The second release was gated against the first one, both evaluated by eval.command in this job.
+    assert second["eval-gate"]["baseline"] == "v2 (production; evaluated in this job)"
     back = as_json(gpuline(example, "rollback", "--model", "digits-mlp", "--stage", "production", "--json"))
     assert (back["version"], back["replaced"]) == (2, 3)
 

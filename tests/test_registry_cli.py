@@ -74,7 +74,7 @@ def test_releases_and_a_rollback_are_audited_and_shown_by_models(
     as_actor(monkeypatch, "bob", 102)
     code, second, err = gpuline(capsys, "run", "--tier", "release")
     assert code == 0, err
-    assert second["eval-gate"]["baseline"] == "v1 (production)"  # gated against the first release
+    assert second["eval-gate"]["baseline"] == "v1 (production; stored metrics)"  # gated against the first release
     assert (second["version"], second["promote"]["previous_version"]) == (2, 1)
 
     as_actor(monkeypatch, "carol", 103)

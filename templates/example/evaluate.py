@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from train import HERE, DigitsMLP, evaluate, load_split
 
 
