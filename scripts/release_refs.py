@@ -7,7 +7,14 @@ tiers) to the tag being released, as slsa-github-generator does, so ``nightly.ym
 ``actions/train@v1.4.0`` and nothing else.
 
     python scripts/release_refs.py check            # every reference agrees (CI runs this)
-    python scripts/release_refs.py set v1.4.0       # rewrite them for a release commit
+    python scripts/release_refs.py release v1.4.0   # the release commit: tiers pinned to a commit SHA
+    python scripts/release_refs.py set v1.4.0       # rewrite them by hand
+
+A tag can be moved; a commit cannot. ``release`` therefore pins the tiers' references to the SHA of
+the commit it starts from (whose ``actions/`` is what is being released), points the templates at
+the version, and commits that; tag the new commit. Whoever calls ``nightly.yml@v1.4.0`` then runs
+the actions at that SHA, byte for byte the ``actions/`` of the tagged commit: ``check`` fails when a
+tier pins a SHA whose ``actions/`` differs from the working tree's.
 
 This file holds the repository slug; the workflows and templates are the only other places it is
 spelled out, because ``uses:`` cannot be computed.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,7 +57,7 @@ def check(root: Path = ROOT) -> list[str]:
     reference is a failure, not a pass: it means the slug here no longer matches the workflows (a
     renamed repository, a fork that rewrote one side), and every check above would hold vacuously.
     """
-    problems: list[str] = _missing(root)
+    problems: list[str] = _missing(root) + pinned_actions(root)
     tier_refs: dict[str, set[str]] = {}
     template_refs: dict[str, set[str]] = {}
     for path in files(root):
@@ -73,6 +81,41 @@ def check(root: Path = ROOT) -> list[str]:
     return problems
 
 
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+
+
+def pinned_actions(root: Path) -> list[str]:
+    """When the tiers pin a commit SHA: problems unless that commit's ``actions/`` is the tree's."""
+    refs = {ref for path in files(root) if path.relative_to(root).as_posix() in TIER_FILES
+            for _, ref in self_references(path.read_text(encoding="utf-8"))}  # fmt: skip
+    problems = []
+    for sha in sorted(r for r in refs if re.fullmatch(r"[0-9a-f]{40}", r)):
+        if _git(root, "cat-file", "-e", f"{sha}^{{commit}}").returncode != 0:
+            problems.append(f"the tiers pin {sha}, which is not a commit of this repository")
+        elif _git(root, "diff", "--quiet", sha, "--", "actions").returncode != 0:
+            problems.append(
+                f"the tiers pin the actions at {sha[:12]}, but actions/ changed since: the tiers would run "
+                "other actions than these; run `release_refs.py release VERSION` again"
+            )
+    return problems
+
+
+def release(version: str, root: Path = ROOT) -> str:
+    """Commit the release: tiers pinned to HEAD's SHA, templates to ``version``; returns the new SHA."""
+    if not re.fullmatch(r"v\d+\.\d+\.\d+([-+][\w.]+)?", version):
+        raise ValueError(f"{version!r} is not a full version such as v1.4.0")
+    if _git(root, "status", "--porcelain").stdout.strip():
+        raise ValueError("the working tree has changes: commit them first (the release pins HEAD)")
+    head = _git(root, "rev-parse", "HEAD").stdout.strip()
+    changed = set_ref(head, root, templates=False) + set_ref(version, root, tiers=False)
+    _git(root, "add", *[str(p) for p in changed])
+    done = _git(root, "commit", "-q", "-m", f"release {version}: the tiers run the actions of {head}")
+    if done.returncode != 0:
+        raise ValueError(f"git commit failed: {done.stderr.strip()}")
+    return _git(root, "rev-parse", "HEAD").stdout.strip()
+
+
 def _missing(root: Path) -> list[str]:
     """Each tier without any ``uses: SLUG/...`` reference, and templates that have none among them."""
     problems = []
@@ -93,14 +136,14 @@ def _missing(root: Path) -> list[str]:
     return problems
 
 
-def set_ref(ref: str, root: Path = ROOT) -> list[Path]:
-    """Rewrite every self-reference to ``ref``; returns the files changed."""
+def set_ref(ref: str, root: Path = ROOT, *, tiers: bool = True, templates: bool = True) -> list[Path]:
+    """Rewrite every self-reference (of the tiers, the templates or both) to ``ref``; the files changed."""
     if not _REF.match(ref):
         raise ValueError(f"{ref!r} is not main, a version tag such as v1.4.0, or a full commit SHA")
     changed: list[Path] = []
     for path in files(root):
         is_template = path.relative_to(root).as_posix() not in TIER_FILES
-        if is_template and ref == "main":
+        if (is_template and (ref == "main" or not templates)) or (not is_template and not tiers):
             continue  # templates keep the last released version between releases
         text = path.read_text(encoding="utf-8")
         new = _SELF_REF.sub(lambda m: m.group(1) + ref, text)
@@ -116,7 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="fail when the self-references disagree")
     set_parser = sub.add_parser("set", help="rewrite the self-references to REF")
     set_parser.add_argument("ref")
+    release_parser = sub.add_parser("release", help="commit a release: tiers pinned to HEAD's SHA")
+    release_parser.add_argument("version")
     args = parser.parse_args(argv)
+    if args.command == "release":
+        try:
+            sha = release(args.version)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"committed {sha}; tag it: git tag {args.version} {sha} && git push origin {args.version}")
     if args.command == "set":
         try:
             changed = set_ref(args.ref)

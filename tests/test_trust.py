@@ -475,3 +475,104 @@ def test_release_refs_check_fails_when_it_finds_no_reference(tmp_path: Path) -> 
         (tmp_path / rel).write_text((ROOT / rel).read_text().replace(f"{release_refs.SLUG}/", "acme/gpuline/"))
     problems = release_refs.check(tmp_path)
     assert any("0 references" in p for p in problems), problems
+
+
+# ---------------------------------------------------------------- 8: release approval scope
+
+
+def _login_role(job: dict[str, Any]) -> str | None:
+    step = next((s for s in job["steps"] if "configure-aws-credentials" in str(s.get("uses", ""))), None)
+    return None if step is None else str(step["with"]["role-to-assume"])
+
+
+def test_release_gives_each_job_the_narrowest_role_and_environment() -> None:
+    jobs = _tier("release")["jobs"]
+    registry_role = "${{ inputs.aws-registry-role || inputs.aws-role-to-assume }}"
+    # Only the jobs that move production hold the registry role, each in an environment of its own
+    # (so an IAM trust policy can require `sub: repo:ORG/REPO:environment:<name>`).
+    assert _login_role(jobs["promote"]) == registry_role and jobs["promote"]["environment"]["name"] == "production"
+    assert _login_role(jobs["rollback"]) == registry_role
+    assert jobs["rollback"]["environment"]["name"] == "${{ inputs.rollback-environment }}"
+    # The train job runs your code on the GPU machine, with a role of its own.
+    assert _login_role(jobs["train"]) == "${{ inputs.aws-train-role || inputs.aws-role-to-assume }}"
+    for name, job in jobs.items():
+        if name not in ("promote", "rollback"):
+            assert "aws-registry-role" not in str(job), f"{name} can reach the registry role"
+    # An approval is claimed only by the job that ran in the approval environment.
+    plan = jobs["plan"]
+    assert plan["environment"] == "${{ inputs.approval-environment }}"
+    for name, job in jobs.items():
+        if name != "plan":
+            assert "approved-environment" not in str(job), f"{name} claims an approval it did not get"
+
+
+# ---------------------------------------------------------------- 11: third-party actions kept current
+
+# The majors that run on node24 (node20 is end-of-life on the runners); Dependabot moves them on.
+CURRENT_MAJORS = {
+    "actions/checkout": 7,
+    "actions/upload-artifact": 7,
+    "actions/download-artifact": 8,
+    "astral-sh/setup-uv": 10,
+    "aws-actions/configure-aws-credentials": 6,
+}
+
+
+def test_third_party_actions_are_pinned_by_sha_at_current_majors() -> None:
+    import re
+
+    pinned = re.compile(r"uses:\s*([\w.-]+/[\w.-]+)@([0-9a-f]{40}) # v(\d+)\.\d+\.\d+")
+    seen: dict[str, set[int]] = {}
+    for path in [*ROOT.glob(".github/workflows/*.yml"), *ROOT.glob("actions/*/action.yml")]:
+        for repo, _, major in pinned.findall(path.read_text()):
+            seen.setdefault(repo, set()).add(int(major))
+    assert set(seen) == set(CURRENT_MAJORS), seen
+    for repo, majors in seen.items():
+        assert majors == {CURRENT_MAJORS[repo]}, f"{repo} pinned at v{sorted(majors)}"
+
+
+# ---------------------------------------------------------------- 9: the tiers run the actions of their own release
+
+
+def _release_repo(tmp_path: Path) -> Path:
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "gpuline"
+    for rel in [*release_refs.TIER_FILES]:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / rel, repo / rel)
+    shutil.copytree(ROOT / "templates/workflows", repo / "templates/workflows")
+    shutil.copytree(ROOT / "actions", repo / "actions")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "main"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env={**os.environ, **env})
+    return repo
+
+
+def test_a_release_pins_the_tiers_to_a_commit_and_check_catches_actions_that_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "t@e")
+    repo = _release_repo(tmp_path)
+    head = ["git", "-C", str(repo), "rev-parse", "HEAD"]
+    base = subprocess.run(head, check=True, capture_output=True, text=True).stdout.strip()
+    release_refs.release("v9.9.9", repo)
+    nightly = (repo / ".github/workflows/nightly.yml").read_text()
+    # Every tier names the released commit (immutable), never a tag that could be moved later.
+    assert {ref for _, ref in release_refs.self_references(nightly)} == {base}
+    template = (repo / "templates/workflows/nightly.yml").read_text()
+    assert {ref for _, ref in release_refs.self_references(template)} == {"v9.9.9"}
+    assert release_refs.check(repo) == []
+    # An action edited after the pin: the tiers would run the old one, and check says so.
+    train = repo / "actions/train/action.yml"
+    train.write_text(train.read_text() + "# changed\n")
+    problems = release_refs.check(repo)
+    assert any("actions/ changed since" in p for p in problems), problems
+    # A release from a dirty tree is refused: what is pinned must be what is committed.
+    with pytest.raises(ValueError, match="working tree has changes"):
+        release_refs.release("v9.9.10", repo)

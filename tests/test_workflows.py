@@ -821,11 +821,13 @@ def approval_repo(act_setup: Act, tmp_path_factory: pytest.TempPathFactory) -> P
     return repo
 
 
-def run_plan(act: Act, repo: Path, tier_name: str, event: Path) -> Any:
-    """The tier's plan job (and the guard it needs), run by act as the tier itself, with the inputs
-    and the pull request a caller's event would give it."""
-    workflow = act.gpuline / f".github/workflows/{tier_name}.yml"
-    return act.run(repo, "workflow_call", str(workflow), event_file=event, job="plan")
+def run_plan(act: Act, repo: Path, tier_name: str, event: Path, inputs: dict[str, str]) -> Any:
+    """The tier called as a consumer calls it on a pull request (the guard sees that event, as on
+    GitHub, where a called workflow's event is its caller's); a refused plan skips all but teardown."""
+    workflow = repo / f".github/workflows/gpuline-{tier_name}.yml"
+    workflow.parent.mkdir(parents=True, exist_ok=True)
+    workflow.write_text(caller(tier_name, "pull_request", inputs))
+    return act.run(repo, "pull_request", str(workflow.relative_to(repo)), event_file=event)
 
 
 @pytest.mark.slow
@@ -848,11 +850,11 @@ def test_act_a_run_over_budget_is_refused_without_approval_and_admitted_with_it(
     approval_environment: str,
     admitted: bool,
 ) -> None:
-    inputs = {**FAST, "config": "gpuline.yml"}
+    inputs = dict(FAST)
     if approval_environment:
         inputs["approval-environment"] = approval_environment
-    event = pr_event(tmp_path / "event.json", PR + 2, labels, inputs)
-    result = run_plan(act_setup, approval_repo, tier_name, event)
+    event = pr_event(tmp_path / "event.json", PR + 2, labels)
+    result = run_plan(act_setup, approval_repo, tier_name, event, inputs)
     log = result.log
     assert job_succeeded(log, tier_name, "preflight and cost estimate") is admitted, explain(log)
     if admitted:
@@ -864,3 +866,55 @@ def test_act_a_run_over_budget_is_refused_without_approval_and_admitted_with_it(
         assert result.returncode != 0
         assert "::set-output:: decision=deny" in log, explain(log)
         assert "ask for an exception" in log, explain(log)
+
+
+# ---------------------------------------------------------------- a PR that edits what decides money
+
+TIGHT_BUDGET = "version: 1\nbudgets:\n  period: week\n  teams:\n    vision:\n      usd: {hard: 0.3}\n"
+CHEAP_T4 = "providers:\n  ec2:\n    instances:\n      g4dn.xlarge: {gpu: t4, gpus: 1, on_demand: 0.0001}\n"
+T4_HOUR = "  provider: ec2\n  gpu_type: t4\n  gpu_count: 1\n  max_duration: 1h\n"
+
+
+@pytest.mark.slow
+def test_act_pr_fast_decides_by_the_base_when_the_pr_edits_policy_and_pricing(
+    act_setup: Act, fake_github: FakeGitHub, tmp_path: Path
+) -> None:
+    # main: a $0.30 weekly budget for an hour on a T4 ($0.526/h in the catalog): refused.
+    repo = tmp_path / "consumer"
+    config = write_project(repo, policy=TIGHT_BUDGET, train_py=STAND_IN_TRAIN)
+    config.write_text(config.read_text().replace("  provider: local\n  gpu_type: cpu\n  max_duration: 10m\n", T4_HOUR))
+    workflows = repo / ".github/workflows"
+    workflows.mkdir(parents=True)
+    (workflows / "pr.yml").write_text((ROOT / "templates/workflows/pr.yml").read_text() + '      extras: ""\n')
+    (repo / ".gitignore").write_text(".gpuline/\n__pycache__/\n")
+    init_repo(repo)
+    base_sha = git(repo, "rev-parse", "HEAD").strip()
+    # The PR raises its own budget and prices the T4 at a hundredth of a cent.
+    git(repo, "checkout", "-qb", "feature")
+    (repo / "policy.yml").write_text(TIGHT_BUDGET.replace("0.3", "1000"))
+    (repo / "pricing.yaml").write_text(CHEAP_T4)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a bigger budget and cheaper GPUs, says the PR")
+    event = tmp_path / "event.json"
+    pr = {"number": 9, "base": {"ref": "main", "sha": base_sha},
+          "head": {"ref": "feature", "repo": {"full_name": "acme/vision"}}, "labels": []}  # fmt: skip
+    event.write_text(json.dumps({"pull_request": pr, "repository": {"full_name": "acme/vision"}}))
+    env = {"GITHUB_API_URL": fake_github.base_url, "GPULINE_GITHUB_RETRIES": "0"}
+    result = act_setup.run(repo, "pull_request", ".github/workflows/pr.yml", event_file=event, env=env,
+                           secrets={"GITHUB_TOKEN": "ghs_" + "2" * 36})  # fmt: skip
+    log = result.log
+    assert result.returncode != 0, "the base's budget and prices refuse the run"
+    assert "::set-output:: decision=deny" in log, explain(log)
+    (comment,) = fake_github.comments_on("acme/vision", 9)
+    body = comment["body"]
+    assert "Proposed change to" in body and "`policy.yml`" in body and "`pricing.yaml`" in body, body
+    assert "on_demand: 0.0001" in body and "usd: {hard: 1000}" in body, body
+    assert fake_github.violations == []
+
+    # The same PR on the nightly tier (same repository, so the guard lets it through): the plan job
+    # reads the base's policy and prices too, and nothing is provisioned.
+    nightly = run_plan(act_setup, repo, "nightly", event, {**FAST, "provider": "ec2"})
+    assert nightly.returncode != 0
+    assert "::set-output:: decision=deny" in nightly.log, explain(nightly.log)
+    assert not job_succeeded(nightly.log, "nightly", "preflight and cost estimate")
+    assert "gpuline provision" not in nightly.log

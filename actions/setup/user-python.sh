@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by the actions that run the user's code (preflight, train): sets GPULINE_PYTHON, the
+# Sourced by the actions that run the user's code (preflight, train, eval-gate): sets GPULINE_PYTHON, the
 # interpreter for the import check, the smoke test and training, from the action's `python` input
 # (GPULINE_TRAIN_PYTHON):
 #   gpuline  gpuline's own venv, with the extras the action installed (first on PATH for this step only)

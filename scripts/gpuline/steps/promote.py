@@ -7,6 +7,7 @@ when, why (the gate verdicts), the run and the workflow run.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from gpuline import deploy, evaluation
@@ -39,7 +40,7 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
         registry = ctx.registry
         version = registry.register(
             spec.model.name,
-            ctx.storage.uri_for(model_prefix(record.run_id)),
+            _portable(ctx, ctx.storage.uri_for(model_prefix(record.run_id))),
             record.run_id,
             record.metrics,
             _lineage(record),
@@ -111,6 +112,18 @@ def _deploy_or_roll_back(ctx: Context, version: ModelVersion, stage: str) -> Non
             hint="fix the deploy command (see its output above) and promote again",
         ) from None
     ctx.event("model.deployed", model=version.model, version=version.version, stage=stage, deployment=deployment)
+
+
+def _portable(ctx: Context, uri: str) -> str:
+    """A ``file://`` URI inside the project as a relative one: the next job (a fresh workspace that
+    restored the run state) finds the files at the same place beside its own gpuline.yml."""
+    if not uri.startswith("file://"):
+        return uri
+    path = Path(uri.removeprefix("file://"))
+    try:
+        return "file://" + path.relative_to(ctx.project_dir.resolve()).as_posix()
+    except ValueError:
+        return uri  # outside the project: a shared folder every job reaches at the same path
 
 
 def _lineage(record: RunRecord) -> dict[str, Any]:
