@@ -33,6 +33,8 @@ pytest_plugins = ["fixtures_k8s"]
 K8S_VERSION = "1.30"
 JIT = "ZmFrZS1qaXQtY29uZmlnLWZvci10ZXN0cw=="
 RUNNER = KubernetesOptions(mode="runner", runner_image="registry.example/runner:2")
+STORAGE = "s3://gpuline-test/artifacts"
+IN_POD = ["python", "-m", "gpuline.training.in_pod", "--"]
 
 
 def lease(
@@ -53,6 +55,7 @@ def lease(
     )
     # write_project ends resources with gpu_type: cpu; the provider only reads it for the selector.
     spec = load_spec(config)
+    spec.backends.storage = STORAGE  # a pod cannot reach the project's own folder
     now = utcnow()
     return LeaseRequest(
         run_id="run-20260101-000000-abcdef",
@@ -100,7 +103,7 @@ def test_single_node_job_has_the_gpu_limit_ttl_deadline_labels_and_validates(tmp
     spec = job["spec"]
     assert spec["activeDeadlineSeconds"] == 1800
     assert spec["ttlSecondsAfterFinished"] == 600
-    assert spec["backoffLimit"] == 0
+    assert spec["backoffLimit"] == 2  # checkpoint.max_restarts: a disrupted pod resumes in a new one
     assert "completionMode" not in spec
     labels = job["metadata"]["labels"]
     assert labels["gpuline/run-id"] == "run-20260101-000000-abcdef"
@@ -111,7 +114,7 @@ def test_single_node_job_has_the_gpu_limit_ttl_deadline_labels_and_validates(tmp
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
-    assert container["command"] == ["python", "train.py"]
+    assert container["command"] == [*IN_POD, "python", "train.py"]
     assert pod["nodeSelector"] == {"gpu": "cpu"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["automountServiceAccountToken"] is False
@@ -132,23 +135,35 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service_whose_selector_mat
     assert service["spec"]["publishNotReadyAddresses"] is True
     selector = service["spec"]["selector"]
     assert selector and all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["GPULINE_RDZV_ENDPOINT"] == f"{name}-0.{name}:{RDZV_PORT}"
+    # The supervisor in each pod runs torchrun itself, with the Job's shape.
+    assert pod["spec"]["containers"][0]["command"] == [*IN_POD, "python", "train.py"]
+    assert (env["GPULINE_NNODES"], env["GPULINE_NPROCS_PER_NODE"]) == ("3", "4")
+    # Four processes need more than the default 64 MiB of /dev/shm.
+    assert pod["spec"]["volumes"][0]["emptyDir"]["medium"] == "Memory"
+
+
+def test_without_the_supervisor_a_multi_node_pod_runs_torchrun_itself(tmp_path: Path) -> None:
+    request = lease(tmp_path, nodes=3, gpus=4, procs=4)
+    name = object_name(request.lease_id)
+    manifests = build_manifests(request, KubernetesOptions(supervisor=False), created_at="x")
+    validate(manifests)
+    pod = by_kind(manifests, "Job")["spec"]["template"]
     command = pod["spec"]["containers"][0]["command"]
     assert command[0] == "torchrun"
     assert "--nnodes=3" in command and "--nproc-per-node=4" in command and "--rdzv-backend=c10d" in command
     assert f"--rdzv-endpoint={name}-0.{name}:{RDZV_PORT}" in command
     assert command[-1] == "train.py"  # `python` is dropped: torchrun runs the script itself
-    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-    assert env["GPULINE_RDZV_ENDPOINT"] == f"{name}-0.{name}:{RDZV_PORT}"
-    # Four processes need more than the default 64 MiB of /dev/shm.
-    assert pod["spec"]["volumes"][0]["emptyDir"]["medium"] == "Memory"
+    assert "podFailurePolicy" not in by_kind(manifests, "Job")["spec"]  # exit codes mean the script's own
 
 
 def test_a_non_python_entrypoint_runs_under_torchrun_with_no_python(tmp_path: Path) -> None:
     request = lease(tmp_path, nodes=2)
     request.spec.entrypoint.command = ["./train.sh", "--fast"]
-    command = build_manifests(request, KubernetesOptions(), created_at="x")[0]["spec"]["template"]["spec"][
-        "containers"
-    ][0]["command"]
+    command = build_manifests(request, KubernetesOptions(supervisor=False), created_at="x")[0]["spec"]["template"][
+        "spec"
+    ]["containers"][0]["command"]
     assert command[-3:] == ["--no-python", "./train.sh", "--fast"]
 
 

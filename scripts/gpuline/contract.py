@@ -40,6 +40,33 @@ ARTIFACTS_URI = "GPULINE_ARTIFACTS_URI"
 # Preflight's import check prints its report on one line after this marker (the child may print more).
 IMPORT_CHECK = "GPULINE_IMPORT_CHECK"
 
+# ---------------------------------------------------------------- the pod contract (Kubernetes, train mode)
+# A Job's pod runs ``python -m gpuline.training.in_pod -- <entrypoint>``, which reads these (with
+# RUN_ID, HPARAMS, CHECKPOINT_INTERVAL, MAX_DURATION_S, RDZV_ENDPOINT and STORAGE above and below)
+# and runs the entrypoint under the supervisor.
+CHECKPOINT_KEEP = "GPULINE_CHECKPOINT_KEEP"
+ALLOW_FRESH_START = "GPULINE_ALLOW_FRESH_START"
+DATASET_URI = "GPULINE_DATASET_URI"
+DATASET_SHA256 = "GPULINE_DATASET_SHA256"
+ENTRYPOINT_WORKDIR = "GPULINE_ENTRYPOINT_WORKDIR"
+NNODES = "GPULINE_NNODES"
+NPROCS_PER_NODE = "GPULINE_NPROCS_PER_NODE"
+POD_WORKDIR = "GPULINE_POD_WORKDIR"  # the pod's local state (an emptyDir): lost with the pod, by design
+GRACE_S = "GPULINE_GRACE_S"  # the pod's terminationGracePeriodSeconds: SIGTERM to SIGKILL
+
+# The pod's exit codes, as the Job's podFailurePolicy reads them. A stop after a final save (SIGTERM,
+# eviction, spot reclaim) and an infrastructure error (storage unreachable) may be retried from the
+# checkpoint; the user's script failing, a wrong configuration or running out of time would only fail
+# again, so they fail the Job at once (FAIL_JOB_EXIT_CODES, sorted as the API wants them).
+POD_EXIT_COMPLETED = 0
+POD_EXIT_GPULINE_BUG = 1  # an uncaught exception in gpuline itself (or gpuline missing from the image)
+POD_EXIT_INVALID = 2  # an InputError: the pod's environment or the dataset is wrong
+POD_EXIT_INFRA = 3  # an InfraError: retried (counts towards backoffLimit)
+POD_EXIT_TRAINER_FAILED = 42  # the user's script exited non-zero on its own
+POD_EXIT_OUT_OF_TIME = 124  # resources.max_duration reached (a checkpoint was saved)
+POD_EXIT_STOPPED = 143  # SIGTERM: saved a final checkpoint and stopped
+FAIL_JOB_EXIT_CODES = (POD_EXIT_GPULINE_BUG, POD_EXIT_INVALID, POD_EXIT_TRAINER_FAILED, POD_EXIT_OUT_OF_TIME)
+
 # Names a child must never inherit from the parent's environment: they describe one launch only.
 PER_LAUNCH = frozenset({RESUME_FROM, DATASET_PATH})
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from gpuline import contract
 from gpuline.errors import ConfigError
+from gpuline.providers import k8s_pod
 from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, TAG_RUN_ID, LeaseRequest
+from gpuline.providers.k8s_options import KubernetesOptions, SpotPlacement, Toleration
 from gpuline.training.launch import TORCHRUN, entrypoint_args, torchrun_argv
 
 RDZV_PORT = 29400
@@ -30,66 +30,6 @@ JIT_KEY = "jitconfig"
 # Tags that become labels (selectable); every tag is also kept verbatim as an annotation.
 _LABELLED = (TAG_RUN_ID, TAG_LEASE_ID, TAG_MANAGED, "gpuline:team", "gpuline:tier")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-class Toleration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    tolerationSeconds: int | None = None  # the Kubernetes field name, as written in manifests
-
-
-class SpotPlacement(BaseModel):
-    """Where spot (preemptible) nodes are, in this cluster's terms."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-
-
-class KubernetesOptions(BaseModel):
-    """``resources.options`` for the kubernetes provider."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["train", "runner"] = Field(
-        default="train", description="train: the pod runs the entrypoint; runner: a JIT GitHub runner."
-    )
-    namespace: str = "default"
-    kubeconfig: str | None = Field(default=None, description="Default: KUBECONFIG, then ~/.kube/config.")
-    context: str | None = None
-    in_cluster: bool | None = Field(default=None, description="Default: when KUBERNETES_SERVICE_HOST is set.")
-    image: str | None = Field(default=None, description="Container image (default: resources.image).")
-    command: list[str] | None = Field(default=None, description="Overrides the entrypoint-derived command.")
-    working_dir: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    env_from_secret: str | None = Field(default=None, description="A Secret whose keys become env vars.")
-    queue: str | None = Field(default=None, description="Kueue LocalQueue name.")
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Values may use {gpu_type}, e.g. {gpu: '{gpu_type}'}."
-    )
-    tolerations: list[Toleration] | None = Field(
-        default=None, description="Default: tolerate the nvidia.com/gpu taint when GPUs are requested."
-    )
-    spot: SpotPlacement = Field(default_factory=SpotPlacement)
-    cpu: str | None = None
-    memory: str | None = None
-    shm_size: str = Field(default="8Gi", description="/dev/shm for multi-process data loading and NCCL.")
-    service_account: str | None = None
-    automount_service_account_token: bool = False
-    priority_class: str | None = None
-    image_pull_secrets: list[str] = Field(default_factory=list)
-    ttl_after_finished_s: int = Field(default=600, ge=0)
-    backoff_limit: int = Field(default=0, ge=0)
-    multi_node: Literal["auto", "indexed-job", "pytorchjob"] = "auto"
-    runner_image: str | None = Field(
-        default=None, description="runner mode: an image with the Actions runner in /home/runner (required)."
-    )
-    labels: dict[str, str] = Field(default_factory=dict)
 
 
 def object_name(lease_id: str) -> str:
@@ -164,13 +104,16 @@ def _job(
         # The lease's TTL enforced by the cluster itself, whatever happens to gpuline.
         "activeDeadlineSeconds": request.ttl_seconds,
         "ttlSecondsAfterFinished": options.ttl_after_finished_s,
-        "backoffLimit": options.backoff_limit,
+        "backoffLimit": k8s_pod.backoff_limit(request, options),
         "completions": nodes,
         "parallelism": nodes,
         "template": pod,
     }
     if nodes > 1:
         spec["completionMode"] = "Indexed"
+    if k8s_pod.supervised(options):
+        # Needs restartPolicy Never on the pod (set below): the Job, not the kubelet, replaces pods.
+        spec["podFailurePolicy"] = k8s_pod.failure_policy(options)
     if options.queue:
         job_labels[QUEUE_LABEL] = options.queue
         # Kueue admits a suspended Job when its queue has quota; the deadline only runs once admitted.
@@ -218,7 +161,7 @@ def _pytorchjob(
     run_policy: dict[str, Any] = {
         "activeDeadlineSeconds": request.ttl_seconds,
         "ttlSecondsAfterFinished": options.ttl_after_finished_s,
-        "backoffLimit": options.backoff_limit,
+        "backoffLimit": k8s_pod.backoff_limit(request, options),
         "cleanPodPolicy": "All",
     }
     job_labels = dict(meta["labels"])
@@ -258,6 +201,9 @@ def _pod_template(
     }
     if distributed:
         spec["subdomain"] = name  # pods become <job>-<index>.<service>
+    if options.mode == "train":
+        # Long enough for the final save and its upload after SIGTERM (eviction, spot reclaim).
+        spec["terminationGracePeriodSeconds"] = k8s_pod.grace_seconds(options)
     if options.service_account:
         spec["serviceAccountName"] = options.service_account
     if options.priority_class:
@@ -267,6 +213,8 @@ def _pod_template(
     if resources.gpu_count > 1 or resources.procs_per_node > 1:
         spec["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm_size}}]
         container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    if k8s_pod.supervised(options):
+        k8s_pod.add_state_volume(spec, container)
     if not spec["nodeSelector"]:
         del spec["nodeSelector"]
     if not spec["tolerations"]:
@@ -286,7 +234,7 @@ def _container(request: LeaseRequest, options: KubernetesOptions, name: str, *, 
         requests["memory"] = limits["memory"] = options.memory
     values = _env(request, options, name, distributed=distributed)
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values.items()]
-    container: dict[str, Any] = {"name": "runner" if options.mode == "runner" else "train"}
+    container: dict[str, Any] = {"name": "runner" if options.mode == "runner" else k8s_pod.CONTAINER}
     if options.mode == "runner":
         if not options.runner_image:
             raise ConfigError(
@@ -329,6 +277,8 @@ def _env(request: LeaseRequest, options: KubernetesOptions, name: str, *, distri
     }
     if distributed:
         env[contract.RDZV_ENDPOINT] = rdzv_endpoint(name)
+    if k8s_pod.supervised(options):
+        env = {**k8s_pod.pod_env(request, options, distributed=distributed), **env}
     return env
 
 
@@ -338,6 +288,8 @@ def rdzv_endpoint(name: str) -> str:
 
 def _train_command(request: LeaseRequest, options: KubernetesOptions, *, distributed: bool) -> list[str]:
     resources = request.spec.resources
+    if k8s_pod.supervised(options):
+        return k8s_pod.in_pod_command(request)  # the supervisor in the pod launches torchrun when needed
     command = list(request.spec.entrypoint.command)
     if not distributed and resources.procs_per_node == 1:
         return command
@@ -375,3 +327,7 @@ def describe_command(manifest: dict[str, Any]) -> str:
     template = spec.get("template") or spec.get("pytorchReplicaSpecs", {}).get("Master", {}).get("template", {})
     containers = template.get("spec", {}).get("containers", [{}])
     return shlex.join(containers[0].get("command", []))
+
+
+# The options' models live in k8s_options; importable from here, where callers found them first.
+__all__ = ["KubernetesOptions", "SpotPlacement", "Toleration", "build_manifests", "describe_command", "object_name"]
