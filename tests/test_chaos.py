@@ -227,7 +227,7 @@ class NightlyRun:
         self.api.cancel()
 
 
-def kill(proc: subprocess.Popen[bytes]) -> None:
+def kill(proc: subprocess.Popen[Any]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
@@ -327,3 +327,199 @@ def test_sigkill_at_any_stage_then_reap_leaves_nothing_running(
     assert "reaped" in [e.kind for e in ledger.events(record.run_id)]
     # Idempotent: a second sweep has nothing left to do.
     assert changes(reap(project, github, "--grace", "1s")) == []
+
+
+# ---------------------------------------------------------------- `gpuline run`, signalled anywhere
+# `gpuline run` is one process from preflight to teardown, and the holder of its run from the first
+# step: signalled (SIGTERM, as a cancelled job is) anywhere it must tear down before it exits, and
+# killed outright (SIGKILL) anywhere the default `gpuline reap` must close what it left.
+
+# Where the run is stopped: inside each step (``in:STEP``, once the step's start is recorded), at
+# every boundary (``after:STEP``), at the two points inside provision, and inside the training itself.
+RUN_STEPS = ["preflight", "cost-estimate", "provision", "train", "eval-gate", "promote"]
+RUN_POINTS = [
+    *(f"{where}:{step}" for step in RUN_STEPS for where in ("in", "after")),
+    "lease-recorded",
+    "launched",
+    "training",
+]
+STOPPED_AT = {"lease-recorded": "provision", "launched": "provision", "training": "train"}
+
+# Stands in for a disk that fills up: while the file CHAOS_DISK_FULL names exists, every write to a
+# file and every write transaction of the ledger fails as they do on a full disk. Then `gpuline`.
+FULL_DISK = """
+import builtins, contextlib, errno, io, os, sqlite3, sys
+from pathlib import Path
+
+flag = Path(os.environ["CHAOS_DISK_FULL"])
+real_open = io.open
+
+def full_open(file, mode="r", *args, **kwargs):
+    if flag.exists() and any(c in mode for c in "wax+") and not str(file).startswith("/dev/"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+    return real_open(file, mode, *args, **kwargs)
+
+io.open = builtins.open = full_open
+from gpuline.ledger import sqlite as ledger_sqlite
+real_tx = ledger_sqlite.SqliteLedger._tx
+
+@contextlib.contextmanager
+def full_tx(self):
+    if flag.exists():
+        raise sqlite3.OperationalError("database or disk is full")
+    with real_tx(self) as db:
+        yield db
+
+ledger_sqlite.SqliteLedger._tx = full_tx
+from gpuline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# The trainer: announces itself (CHAOS_TRAIN_MARKER) and waits to be stopped, or fills the disk
+# (CHAOS_DISK_FULL) and fails as a trainer whose checkpoint cannot be written does.
+RUN_TRAIN = TRAIN.replace(
+    '    steps = 20 if os.environ.get("GPULINE_SMOKE") == "1" else 5\n',
+    '    full = os.environ.get("CHAOS_DISK_FULL")\n'
+    '    if full and os.environ.get("GPULINE_SMOKE") != "1":\n'
+    '        pathlib.Path(full).write_text("full")\n'
+    '        raise OSError(28, "No space left on device", os.environ["GPULINE_CHECKPOINT_DIR"])\n'
+    '    steps = 20 if os.environ.get("GPULINE_SMOKE") == "1" else 5\n',
+)
+
+
+def start_run(project: Path, env: dict[str, str], *, full_disk: bool = False) -> subprocess.Popen[str]:
+    entry = ["-c", FULL_DISK] if full_disk else ["-m", "gpuline.cli"]
+    return subprocess.Popen(
+        [sys.executable, *entry, "run", "--tier", "nightly", "--json"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+
+
+def leftovers_of(project: Path) -> dict[str, Any]:
+    """Everything a run can leave held: leases, reservations, machines, processes working in it."""
+    from gpuline.providers.local import LocalProvider
+
+    ledger = SqliteLedger(project / ".gpuline" / "ledger.db")
+    try:
+        return {
+            "leases": [lease.lease_id for lease in ledger.leases(active_only=True)],
+            "reservations": [r.run_id for r in ledger.reservations(state="held")],
+            "machines": [m.instance_id for m in LocalProvider(project).list_owned()],
+            "processes": processes_in(project),
+        }
+    finally:
+        ledger.close()
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Processes whose working directory is inside ``folder`` (a trainer left running, say)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "cwd")).is_relative_to(folder):
+                    found.append(int(entry.name))
+    return found
+
+
+def no_processes_in(folder: Path) -> list[int]:
+    """Waits (a hang guard, not a margin) for the trainer's parent-death signal to be delivered."""
+    deadline = time.monotonic() + 60
+    while (left := processes_in(folder)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def reap_default(project: Path, *, full_disk: bool = False, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    entry = ["-c", FULL_DISK] if full_disk else ["-m", "gpuline.cli"]
+    done = subprocess.run(
+        [sys.executable, *entry, "reap", "--json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def the_run(project: Path) -> Any:
+    ledger = SqliteLedger(project / ".gpuline" / "ledger.db")
+    try:
+        (record,) = ledger.list_runs()
+        return record
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("point", RUN_POINTS)
+def test_gpuline_run_signalled_anywhere_leaves_nothing_held(tmp_path: Path, point: str, sig: signal.Signals) -> None:
+    project = write_project(tmp_path / "proj", train_py=RUN_TRAIN).parent
+    marker = tmp_path / "reached"
+    hook = {"CHAOS_TRAIN_MARKER": str(marker)} if point == "training" else {"GPULINE_TEST_PAUSE_AT": point}
+    proc = start_run(project, {"GPULINE_TEST_PAUSE_FILE": str(marker), **hook})
+    try:
+        deadline = time.monotonic() + 90  # a hang guard
+        while not (marker.exists() and marker.read_text().endswith("\n")):
+            assert proc.poll() is None, f"exited {proc.returncode} before {point}: {proc.communicate()}"
+            assert time.monotonic() < deadline, f"{point} was not reached"
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill(proc)
+    stage = STOPPED_AT.get(point, point.partition(":")[2])
+    assert proc.returncode != 0
+    if sig == signal.SIGTERM:
+        # Teardown ran before the process exited: nothing is held even before any reaper.
+        assert proc.returncode == 3, err
+        assert [line for line in err.splitlines() if line.startswith("error: ")], err
+        assert json.loads(out)["ok"] is False
+        assert leftovers_of(project) == {"leases": [], "reservations": [], "machines": [], "processes": []}
+        record = the_run(project)
+        assert record.times.released is not None
+    assert no_processes_in(project) == []
+    code, reaped, reap_err = reap_default(project)  # the default settings: a 10-minute boot grace
+    assert code == 0, reaped + reap_err
+    assert leftovers_of(project) == {"leases": [], "reservations": [], "machines": [], "processes": []}, reaped
+    record = the_run(project)
+    assert record.times.released is not None, reaped
+    assert record.stage == stage, (record.stage, record.error)
+    assert record.status == ("succeeded" if point == "after:promote" else "failed"), record.error
+    # Idempotent: a second sweep has nothing left to do.
+    assert changes(json.loads(reap_default(project)[1])) == []
+
+
+def test_a_disk_that_fills_during_training_leaves_nothing_held_once_it_is_freed(tmp_path: Path) -> None:
+    project = write_project(tmp_path / "proj", train_py=RUN_TRAIN).parent
+    full = tmp_path / "disk-full"
+    proc = start_run(project, {"CHAOS_DISK_FULL": str(full)}, full_disk=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill(proc)
+    assert full.exists()
+    # Teardown tried every release on its own and says what it could not do.
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 3 and "teardown of run" in line and " left machine " in line, err
+    assert json.loads(out)["ok"] is False
+    # The reaper, while the disk is still full: the contract's one line, no traceback.
+    code, reaped, reap_err = reap_default(project, full_disk=True, env={"CHAOS_DISK_FULL": str(full)})
+    assert code == 3, reaped + reap_err
+    (line,) = [line for line in reap_err.splitlines() if line.startswith("error: ")]
+    assert "No space left on device" in line and "Traceback" not in reap_err, reap_err
+    assert json.loads(reaped)["ok"] is False
+    full.unlink()  # space freed
+    assert no_processes_in(project) == []
+    code, reaped, reap_err = reap_default(project)
+    assert code == 0, reaped + reap_err
+    assert leftovers_of(project) == {"leases": [], "reservations": [], "machines": [], "processes": []}, reaped
+    record = the_run(project)
+    assert (record.status, record.stage) == ("failed", "train") and record.times.released is not None

@@ -114,9 +114,12 @@ def test_a_live_run_is_left_alone(project: Path) -> None:
     assert held(ctx) == [result["run_id"]]
 
 
-def test_a_machine_inside_its_boot_grace_period_is_left_alone_even_when_abandoned(project: Path) -> None:
-    run_id = provision_and_exit(project)
-    ctx = context(project)
+def test_a_machine_inside_its_boot_grace_period_is_left_alone_even_when_its_workflow_is_over(
+    project: Path, monkeypatch: pytest.MonkeyPatch, httpserver: Any
+) -> None:
+    # A workflow's status is seen from elsewhere, and later: inside the grace period it is not trusted.
+    ctx = workflow_held(project, monkeypatch, httpserver, "completed", "cancelled")
+    run_id = provision(ctx, process_bound=False).run_id
     hold_quota(ctx, run_id)
     actions = reap(ctx, LOCAL, timedelta(minutes=10), dry_run=False)
     assert [(a.kind, a.reason.split(" (")[0]) for a in actions] == []
@@ -126,6 +129,18 @@ def test_a_machine_inside_its_boot_grace_period_is_left_alone_even_when_abandone
     actions = reap(ctx, LOCAL, NO_GRACE, dry_run=False)
     assert ("terminate", True) in [(a.kind, a.done) for a in actions]
     assert live_machines(project) == []
+
+
+def test_inside_the_grace_period_a_machine_whose_holder_process_died_here_goes(project: Path) -> None:
+    run_id = provision_and_exit(project)
+    ctx = context(project)
+    hold_quota(ctx, run_id)
+    actions = reap(ctx, LOCAL, timedelta(minutes=10), dry_run=False)  # the default grace
+    (terminate,) = [a for a in actions if a.kind == "terminate"]
+    assert terminate.done and "exited without teardown" in terminate.reason
+    assert live_machines(project) == []
+    assert ctx.ledger.get_run(run_id).times.released is not None and held(ctx) == []
+    assert ctx.ledger.leases(active_only=True) == []
 
 
 def test_a_machine_of_a_run_this_ledger_does_not_know_is_left_to_its_ttl(project: Path) -> None:
@@ -208,7 +223,7 @@ def test_an_expired_reservation_is_released_unless_its_run_is_still_starting(pro
     ctx = context(project)
     stale = ctx.ensure_run()
     hold_quota(ctx, stale.run_id, expires_in=-1)
-    starting_id = provision_and_exit(project)
+    starting_id = provision_here(project)[1]["run_id"]  # its holder (this process) lives
     hold_quota(ctx, starting_id, expires_in=-1)
     actions = reap(ctx, LOCAL, timedelta(minutes=10), dry_run=False)
     assert [(a.kind, a.target, a.done) for a in actions] == [("release-reservation", stale.run_id, True)]
@@ -276,6 +291,18 @@ def workflow_api(httpserver: Any, status: str, conclusion: str | None) -> None:
         {"id": 4242, "status": status, "conclusion": conclusion, "url": httpserver.url_for("/x")}
     )
     httpserver.expect_request("/repos/octo/models/actions/runners").respond_with_json({"total_count": 0, "runners": []})
+
+
+def workflow_held(
+    project: Path, monkeypatch: pytest.MonkeyPatch, httpserver: Any, status: str, conclusion: str | None
+) -> Context:
+    """A context whose steps run in workflow run 4242 (in ``status``), with a token to ask GitHub."""
+    for name, value in {"GITHUB_REPOSITORY": "octo/models", "GITHUB_RUN_ID": "4242", "GITHUB_RUN_ATTEMPT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    workflow_api(httpserver, status, conclusion)
+    monkeypatch.setenv("GITHUB_API_URL", httpserver.url_for("").rstrip("/"))
+    monkeypatch.setenv("GPULINE_GITHUB_TOKEN", "t")
+    return context(project)
 
 
 @pytest.mark.parametrize(

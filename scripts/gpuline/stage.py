@@ -7,13 +7,19 @@ from contextlib import contextmanager
 
 from gpuline.context import Context
 from gpuline.errors import GpulineError, RefusedError
+from gpuline.lease.holder import current
+from gpuline.providers.testhooks import pause_at
 from gpuline.runs import RunRecord, RunStatus
 
 
 @contextmanager
 def recorded(ctx: Context, step: str) -> Iterator[None]:
-    """Append ``<step>.started`` / ``.finished`` / ``.failed`` events and keep ``stage`` current."""
-    ctx.event(f"{step}.started")
+    """Append ``<step>.started`` / ``.finished`` / ``.failed`` events and keep ``stage`` current.
+
+    The start names who holds the run from now on (as a lease does), so a run whose holder died
+    before it ever leased a machine is still known to be abandoned, and closed by the reaper."""
+    ctx.refuse_closed()  # before anything is written: a closed run keeps the record it was closed with
+    ctx.event(f"{step}.started", holder=current())
 
     def start(r: RunRecord) -> None:
         # A step run again after a failure (a retried job, a resumed train) supersedes that failure.
@@ -22,6 +28,7 @@ def recorded(ctx: Context, step: str) -> Iterator[None]:
 
     ctx.ledger.update_run(ctx.run_id or "", start)
     try:
+        pause_at(f"in:{step}")
         yield
     except GpulineError as exc:
         mark_failed(ctx, step, exc)

@@ -5,6 +5,7 @@ checks whether it already happened, so running it twice changes nothing the seco
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def release_machine(project_dir: Path, record: RunRecord) -> bool:
 
 def close_record(ledger: Ledger, project_dir: Path, record: RunRecord, now: datetime) -> RunRecord:
     """Stamp the release time, GPU-seconds, idle time, actual cost and final status (once)."""
+    return ledger.update_run(record.run_id, closing(ledger, project_dir, record, now))
+
+
+def closed_copy(ledger: Ledger, project_dir: Path, record: RunRecord, now: datetime) -> RunRecord:
+    """The record as :func:`close_record` would leave it, without writing it: what a teardown whose
+    ledger write failed still settles the quota at."""
+    copy = record.model_copy(deep=True)
+    closing(ledger, project_dir, record, now)(copy)
+    return copy
+
+
+def closing(ledger: Ledger, project_dir: Path, record: RunRecord, now: datetime) -> Callable[[RunRecord], None]:
     catalog = load_catalog(project_dir)
     provider_prices = catalog.providers.get(record.provider)
     instance = provider_prices.instances.get(record.instance_type) if provider_prices else None
@@ -54,6 +67,7 @@ def close_record(ledger: Ledger, project_dir: Path, record: RunRecord, now: date
         )
     usd = actual_cost(catalog, record.provider, record.instance_type, record.lane, nodes, held) if start else 0.0
     reached_end = record.stage in FINAL_STEPS.get(record.tier, ())
+    stopped_in = step_in_progress(ledger, record.run_id)
 
     def close(r: RunRecord) -> None:
         r.times.released = now
@@ -61,13 +75,38 @@ def close_record(ledger: Ledger, project_dir: Path, record: RunRecord, now: date
         r.idle_seconds = round(idle * devices, 3)
         r.actual_usd = usd
         if r.status in ("created", "running"):
-            if reached_end:
+            if reached_end and stopped_in is None:
                 r.status = "succeeded"
+            elif stopped_in is not None:
+                # Killed inside a step (SIGKILL, a lost runner): the run stopped at that step.
+                r.status, r.stage = "failed", stopped_in
+                r.error = r.error or f"stopped in {stopped_in}: the job was cancelled or crashed"
             else:
                 r.status = "failed"
                 r.error = r.error or f"stopped after {r.stage}: the job was cancelled or crashed"
 
-    return ledger.update_run(record.run_id, close)
+    return close
+
+
+# A step's own end: ``.finished`` with no data, ``.failed`` with its error.
+_ENDS = {("finished", False, False), ("failed", True, True)}
+
+
+def step_in_progress(ledger: Ledger, run_id: str) -> str | None:
+    """The step that started and neither finished nor failed: where a killed process stopped."""
+    running: str | None = None
+    try:
+        events = ledger.events(run_id)
+    except GpulineError:
+        return None
+    for event in events:
+        step, _, what = event.kind.rpartition(".")
+        # Only the step's own events (gpuline.stage): the supervisor's ``train.finished`` is not one.
+        if what == "started" and "holder" in event.data:
+            running = step
+        elif step == running and (what, bool(event.data), "error" in event.data) in _ENDS:
+            running = None
+    return running
 
 
 def close_run(ledger: Ledger, project_dir: Path, lease: LeaseRecord, now: datetime, reason: str) -> bool:
@@ -77,11 +116,19 @@ def close_run(ledger: Ledger, project_dir: Path, lease: LeaseRecord, now: dateti
         record = ledger.get_run(lease.run_id)
     except NotFoundError:
         return released
+    close_open_run(ledger, project_dir, record, now, reason, lease_id=lease.lease_id)
+    return True
+
+
+def close_open_run(
+    ledger: Ledger, project_dir: Path, record: RunRecord, now: datetime, reason: str, *, lease_id: str | None = None
+) -> RunRecord:
+    """Close a run its holder left (with or without a lease): its record at its cost, its quota settled."""
     if record.times.released is None:
         record = close_record(ledger, project_dir, record, now)
     settled = quota.settle(ledger, record)
-    ledger.append_event(record.run_id, "reaped", {"reason": reason, "lease_id": lease.lease_id, "quota": settled})
-    return True
+    ledger.append_event(record.run_id, "reaped", {"reason": reason, "lease_id": lease_id, "quota": settled})
+    return record
 
 
 def forget_lease(ledger: Ledger, lease_id: str | None, now: datetime) -> None:

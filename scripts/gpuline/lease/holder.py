@@ -7,13 +7,33 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from gpuline.errors import GpulineError
 from gpuline.runs import Ledger
 from gpuline.training.process import process_start_ticks
+
+# The pid of a process that will tear down every run it works on (`gpuline run`), while it does.
+_bound_pid: int | None = None
+
+
+@contextlib.contextmanager
+def bound_to_this_process() -> Iterator[None]:
+    """While inside, this process holds the runs it works on: it tears them down itself, so its death
+    means they are abandoned (`gpuline run` from its first step, not only from provision)."""
+    global _bound_pid
+    previous, _bound_pid = _bound_pid, os.getpid()
+    try:
+        yield
+    finally:
+        _bound_pid = previous
+
+
+def current() -> dict[str, Any]:
+    """The holder of what this process starts now (each step's start records it, as a lease does)."""
+    return holder(_bound_pid == os.getpid())
 
 
 def holder(process_bound: bool, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -42,25 +62,44 @@ def boot_id() -> str:
     return ""
 
 
-def holder_gone(ledger: Ledger, run_id: str) -> str | None:
-    """Why the process or workflow run that holds ``run_id``'s lease is certainly gone; None when it
-    is alive or cannot be told (then only the TTL ends the lease)."""
+def last_holder(ledger: Ledger, run_id: str) -> dict[str, Any]:
+    """The holder the run's latest step recorded (a step's start or its lease): whoever acted last."""
     found: dict[str, Any] = {}
     with contextlib.suppress(GpulineError):
         for event in ledger.events(run_id):
-            if event.kind == "lease.recorded":
-                found = dict(event.data.get("holder") or {})
+            if isinstance(event.data.get("holder"), dict):
+                found = dict(event.data["holder"])
+    return found
+
+
+def holder_gone(ledger: Ledger, run_id: str) -> str | None:
+    """Why the process or workflow run that holds ``run_id`` (its lease, or its steps before one) is
+    certainly gone; None when it is alive or cannot be told (then only the TTL ends the lease)."""
+    found = last_holder(ledger, run_id)
     process = found.get("process")
     if isinstance(process, dict) and process.get("host") == socket.gethostname():
-        if process.get("boot_id") and process.get("boot_id") != boot_id():
-            return f"its orchestrator ran on {process['host']} before a reboot"
-        pid = int(process.get("pid", 0))
-        if pid and not _alive(pid, str(process.get("started", ""))):
-            return f"its orchestrator (pid {pid} on {process['host']}) exited without teardown"
-        return None
+        return _process_gone(process)
     workflow = found.get("workflow")
     if isinstance(workflow, dict):
         return _workflow_finished(workflow)
+    return None
+
+
+def dead_here(ledger: Ledger, run_id: str) -> str | None:
+    """Why the run's holder is a process of this host that is certainly gone; None otherwise. Unlike
+    a workflow's status, seen from elsewhere and later, this is known at once and for sure."""
+    process = last_holder(ledger, run_id).get("process")
+    if isinstance(process, dict) and process.get("host") == socket.gethostname():
+        return _process_gone(process)
+    return None
+
+
+def _process_gone(process: dict[str, Any]) -> str | None:
+    if process.get("boot_id") and process.get("boot_id") != boot_id():
+        return f"its orchestrator ran on {process['host']} before a reboot"
+    pid = int(process.get("pid", 0))
+    if pid and not _alive(pid, str(process.get("started", ""))):
+        return f"its orchestrator (pid {pid} on {process['host']}) exited without teardown"
     return None
 
 

@@ -1,43 +1,49 @@
 """reap: reconcile what providers hold against the run records, and release what leaked.
 
 A machine is reaped when its TTL has passed, when its run is finished (or its lease released), or
-when its run was *abandoned*: the lease's holder, the ``gpuline run`` process or the workflow run
-that would have torn it down, is gone. A machine younger than the boot grace period is always left
-alone, whatever else is true, since its run may not have recorded it yet. A machine whose run this
-ledger does not know is left to its TTL: it may belong to another ledger.
+when its run was *abandoned*: the run's holder, the ``gpuline run`` process or the workflow run
+that would have torn it down, is gone. A machine younger than the boot grace period is left alone,
+since its run may not have recorded it yet, unless its holder is a process of this host that is
+certainly dead (then nothing will ever record it). A machine whose run this ledger does not know is
+left to its TTL: it may belong to another ledger.
 
 Then the ledger side: leases and runs left open by a dead holder are closed (the run is settled at
-what it cost, its quota reservation returned), reservations past their TTL are released, and stale
-single-use GitHub runners of finished runs are deleted when a token is at hand.
-``--dry-run`` prints the plan and changes nothing.
+what it cost, its quota reservation returned), leased or not (a run killed before provisioning
+holds a reservation and no lease), holds of closed runs that teardown could not settle are settled,
+reservations past their TTL are released, and stale single-use GitHub runners of finished runs are
+deleted when a token is at hand. Each action is on its own: one that fails (a full disk) is reported
+and the rest still run; the command then exits 3 with one line. ``--dry-run`` prints the plan and
+changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from functools import partial
 
-from gpuline import gha
+from gpuline import console, gha
 from gpuline.context import Context
-from gpuline.errors import GpulineError, InputError, NotFoundError, clip_repr
+from gpuline.decisions import quota
+from gpuline.errors import GpulineError, InfraError, InputError, clip, clip_repr
 from gpuline.inputs import runner_scope
-from gpuline.lease.close import close_run, forget_lease
-from gpuline.lease.holder import holder_gone
+from gpuline.lease.close import close_open_run, close_run, forget_lease
+from gpuline.lease.holder import dead_here, holder_gone
 from gpuline.lease.machines import open_masked
-from gpuline.providers import PROVIDERS
+from gpuline.lease.sweep import Sweep, find_run, sweep_targets
 from gpuline.providers.base import Machine, Provider
-from gpuline.providers.options import options_for
 from gpuline.render.markdown import key_value_table
 from gpuline.results import DataResult
 from gpuline.runs import LeaseRecord, Ledger, RunRecord, utcnow
 from gpuline.spec import parse_duration
 
-# Configurations of providers seen in leases this recent are swept (a machine cannot outlive its TTL).
-LOOKBACK = timedelta(days=7)
+__all__ = ["Action", "Sweep", "judge", "reap", "run", "sweep_targets"]
+
 FINISHED = ("succeeded", "failed", "refused")
+# Runs without a lease are looked at among this many of the newest (and every run holding quota).
+RECENT_RUNS = 1000
 
 
 @dataclass
@@ -49,19 +55,7 @@ class Action:
     provider: str = ""
     run_id: str = ""
     done: bool = False
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """One provider configuration to list machines with."""
-
-    provider: str
-    options_json: str = "{}"
-
-    @property
-    def options(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads(self.options_json)
-        return loaded
+    failed: str = ""  # why the change could not be made (it is still to do)
 
 
 @dataclass
@@ -74,6 +68,17 @@ class Plan:
     def add(self, action: Action) -> Action:
         self.actions.append(action)
         return action
+
+
+def _do(action: Action, change: Callable[[], object]) -> None:
+    """Make one change; a failure (a full disk under the ledger, a provider error) is kept on the
+    action, so the others still run and the command can say what is left."""
+    try:
+        action.done = bool(change())
+    except (GpulineError, OSError) as exc:
+        error = exc if isinstance(exc, GpulineError) else console.os_error(exc)
+        action.failed = clip(error.message, 300)
+        action.reason += f"; failed: {clip(error.one_line(), 400)}"
 
 
 def grace_of(text: str) -> timedelta:
@@ -100,61 +105,25 @@ def run(ctx: Context, args: argparse.Namespace) -> DataResult:
     rows = [(f"{a.kind} `{a.target}`", ("planned: " if args.dry_run else "") + a.reason) for a in actions]
     title = "### gpuline reap" + (" (dry run)" if args.dry_run else "")
     body = {"dry_run": args.dry_run, "swept": [s.provider for s in sweeps], "actions": [asdict(a) for a in actions]}
-    return DataResult(
+    result = DataResult(
         "reap",
         body,
         markdown=title + "\n\n" + (key_value_table(rows, ("action", "why")) if rows else "Nothing to reap."),
         output_values={
             "terminated": sum(1 for a in actions if a.kind == "terminate" and a.done),
             "planned": len(changed),
-            "errors": sum(1 for a in actions if a.kind == "error"),
+            "errors": sum(1 for a in actions if a.kind == "error" or a.failed),
         },
     )
-
-
-# ---------------------------------------------------------------- what to sweep
-
-
-def sweep_targets(ctx: Context, names: list[str] | None = None, *, now: datetime | None = None) -> list[Sweep]:
-    """Providers with leases in the ledger (with the options their runs used) plus the configured one.
-
-    ``names`` narrows the sweep to those providers."""
-    now = now or utcnow()
-    wanted = {PROVIDERS.canonical(n) for n in names} if names else None
-    found: dict[Sweep, None] = {}
-    runs: dict[str, RunRecord | None] = {}
-    for lease in ctx.ledger.leases():
-        if lease.released_at is not None and now - lease.requested_at > LOOKBACK:
-            continue
-        if lease.run_id not in runs:
-            runs[lease.run_id] = _get_run(ctx.ledger, lease.run_id)
-        record = runs[lease.run_id]
-        options = dict(record.resolved_config.get("resources", {}).get("options", {})) if record else {}
-        found[_sweep(lease.provider, options, lease.region)] = None
-    for name, options, region in _configured(ctx):
-        found[_sweep(name, options, region)] = None
-    if wanted is not None:
-        chosen = [s for s in found if s.provider in wanted]
-        chosen += [Sweep(n) for n in sorted(wanted) if not any(s.provider == n for s in chosen)]
-        return chosen
-    if not any(s.provider == "local" for s in found):
-        found[Sweep("local")] = None
-    return list(found)
-
-
-def _sweep(provider: str, options: dict[str, Any], region: str) -> Sweep:
-    name = PROVIDERS.canonical(provider)
-    return Sweep(name, json.dumps(options_for(name, options, region), sort_keys=True, default=str))
-
-
-def _configured(ctx: Context) -> list[tuple[str, dict[str, Any], str]]:
-    """The providers gpuline.yml names (every tier), when it is there and valid."""
-    try:
-        spec = ctx.base_spec
-    except (GpulineError, OSError):
-        return []
-    specs = [spec] + [spec.for_tier(t) for t in spec.tiers]
-    return [(s.resources.provider, dict(s.resources.options), s.resources.region or "") for s in specs]
+    failed = [a for a in actions if a.failed]
+    if failed:
+        raise InfraError(
+            f"reap could not finish {len(failed)} of its changes, first {failed[0].kind} {failed[0].target}: "
+            f"{failed[0].failed}",
+            hint="fix that (free disk space, check the provider) and rerun `gpuline reap`: what it could not "
+            "change is still held, the rest is done",
+        ).with_result(result)
+    return result
 
 
 # ---------------------------------------------------------------- the reconciliation
@@ -183,6 +152,7 @@ def reap(
             seen.add((sweep.provider, machine.instance_id))
             _reap_machine(ctx, plan, provider, sweep.provider, machine, grace, now, dry_run)
     _close_abandoned(ctx, plan, swept, now, dry_run)
+    _close_leaseless(ctx, plan, now, dry_run)
     _release_reservations(ctx, plan, now, dry_run)
     _delete_stale_runners(ctx, plan, dry_run)
     return plan.actions
@@ -219,17 +189,18 @@ def _reap_machine(
     plan.add(action)
     if dry_run:
         return
-    try:
-        action.done = provider.release(machine.instance_id)
-    except GpulineError as exc:
-        action.reason += f"; release failed: {exc.one_line()}"
+    _do(action, partial(provider.release, machine.instance_id))
+    if action.failed:
         if action.run_id:
             plan.kept_runs.add(action.run_id)
         return
     lease = plan.leases.get(machine.lease_id or "")
     if lease is not None and lease.released_at is None:
         # The machine is gone; its run ends here too (lease, cost, quota), as teardown would have.
-        close_run(ctx.ledger, ctx.project_dir, lease, now, action.reason)
+        closing = Action("close-run", lease.run_id, action.reason, name, lease.run_id)
+        _do(closing, partial(close_run, ctx.ledger, ctx.project_dir, lease, now, action.reason))
+        if closing.failed:
+            plan.add(closing)
     else:
         forget_lease(ctx.ledger, machine.lease_id, now)
 
@@ -248,9 +219,13 @@ def judge(
     lease = leases.get(machine.lease_id or "")
     run_id = machine.run_id or (lease.run_id if lease else None)
     if machine.launched_at is not None and now - machine.launched_at < grace:
-        return Action(
-            "keep", target, f"inside the boot grace period ({int(grace.total_seconds())}s)", run_id=run_id or ""
-        )
+        # A holder process of this host that is dead will never record the machine: no need to wait.
+        dead = dead_here(ledger, run_id) if run_id and lease is not None else None
+        if dead is None:
+            return Action(
+                "keep", target, f"inside the boot grace period ({int(grace.total_seconds())}s)", run_id=run_id or ""
+            )
+        return Action("terminate", target, f"run {run_id} was abandoned: {dead}", run_id=run_id or "")
     expires = machine.expires_at
     if expires is not None and expires <= now:
         return Action("terminate", target, f"past its TTL ({expires.isoformat()})", run_id=run_id or "")
@@ -258,7 +233,7 @@ def judge(
         if machine.lease_id is None:
             return Action("terminate", target, "carries gpuline tags but no run or lease id")
         return Action("keep", target, f"lease {machine.lease_id} is not in this ledger; left to its TTL")
-    record = _get_run(ledger, run_id)
+    record = find_run(ledger, run_id)
     if record is None:
         return Action("keep", target, f"run {run_id} is not in this ledger; left to its TTL", run_id=run_id)
     if record.times.released is not None or record.status in FINISHED:
@@ -295,12 +270,42 @@ def _close_abandoned(ctx: Context, plan: Plan, swept: set[str], now: datetime, d
         reason = f"its holder is gone: {gone}" if gone else f"past its TTL ({lease.expires_at.isoformat()})"
         action = plan.add(Action("close-run", lease.run_id, reason, lease.provider, lease.run_id))
         if not dry_run:
-            action.done = close_run(ctx.ledger, ctx.project_dir, lease, now, reason)
+            _do(action, partial(close_run, ctx.ledger, ctx.project_dir, lease, now, reason))
+
+
+def _close_leaseless(ctx: Context, plan: Plan, now: datetime, dry_run: bool) -> None:
+    """Runs still open with no open lease whose holder is gone (killed before provisioning, or a
+    workflow cancelled between cost-estimate and provision): closed, their reservations returned."""
+    held = {r.run_id for r in ctx.ledger.reservations(state="held")}
+    runs = {r.run_id: r for r in ctx.ledger.list_runs(limit=RECENT_RUNS)}
+    for run_id in sorted(held - runs.keys()):
+        found = find_run(ctx.ledger, run_id)
+        if found is not None:
+            runs[run_id] = found
+    leased = {lease.run_id for lease in ctx.ledger.leases(active_only=True)}
+    for record in runs.values():
+        if record.times.released is not None or record.run_id in leased or record.run_id in plan.kept_runs:
+            continue
+        gone = holder_gone(ctx.ledger, record.run_id)
+        if gone is None:
+            continue
+        reason = f"its holder is gone: {gone}"
+        action = plan.add(Action("close-run", record.run_id, reason, record.provider, record.run_id))
+        if not dry_run:
+            _do(action, partial(close_open_run, ctx.ledger, ctx.project_dir, record, now, reason))
 
 
 def _release_reservations(ctx: Context, plan: Plan, now: datetime, dry_run: bool) -> None:
     for reservation in ctx.ledger.reservations(state="held"):
-        if reservation.expires_at <= now and reservation.run_id not in plan.kept_runs:
+        record = find_run(ctx.ledger, reservation.run_id)
+        if record is not None and record.times.released is not None:
+            # Its run is closed, but its teardown could not settle the hold (a full disk, say).
+            action = plan.add(
+                Action("settle-reservation", reservation.run_id, "its run is closed", run_id=reservation.run_id)
+            )
+            if not dry_run:
+                _do(action, partial(_settled, ctx.ledger, record))
+        elif reservation.expires_at <= now and reservation.run_id not in plan.kept_runs:
             action = plan.add(
                 Action(
                     "release-reservation",
@@ -310,7 +315,11 @@ def _release_reservations(ctx: Context, plan: Plan, now: datetime, dry_run: bool
                 )
             )
             if not dry_run:
-                action.done = ctx.ledger.release(reservation.run_id)
+                _do(action, partial(ctx.ledger.release, reservation.run_id))
+
+
+def _settled(ledger: Ledger, record: RunRecord) -> bool:
+    return quota.settle(ledger, record) not in ("none held", "no reservation")
 
 
 # ---------------------------------------------------------------- GitHub runners
@@ -332,24 +341,11 @@ def _delete_stale_runners(ctx: Context, plan: Plan, dry_run: bool) -> None:
         if not runner.name.startswith("gpuline-run-") or runner.busy:
             continue
         run_id = runner.name.removeprefix("gpuline-")
-        record = _get_run(ctx.ledger, run_id)
+        record = find_run(ctx.ledger, run_id)
         if record is None or run_id in plan.kept_runs:
             continue
         if record.times.released is None and record.status not in FINISHED:
             continue
         action = plan.add(Action("delete-runner", runner.name, f"run {run_id} is {record.status}", run_id=run_id))
         if not dry_run:
-            try:
-                action.done = github.delete_runner(scope, runner.runner_id)
-            except GpulineError as exc:
-                action.reason += f"; delete failed: {exc.one_line()}"
-
-
-# ---------------------------------------------------------------- ledger helpers
-
-
-def _get_run(ledger: Ledger, run_id: str) -> RunRecord | None:
-    try:
-        return ledger.get_run(run_id)
-    except NotFoundError:
-        return None
+            _do(action, partial(github.delete_runner, scope, runner.runner_id))
