@@ -71,8 +71,9 @@ def test_a_failed_gate_exits_1_promotes_nothing_and_still_tears_down(make: Any) 
     assert run["promoted_version"] is None
     assert run["times"]["released"] is not None  # teardown ran after the refusal
     assert not run["gates"][0]["passed"]
+    # Torn down, the run is closed: it is never promoted, whatever its gates said.
     code, body, _ = gpuline(project, "promote", "--run-id", run["run_id"])
-    assert code == 1 and "has not passed its eval gates" in body["error"]
+    assert code == 2 and "a closed run is never resumed" in body["error"]
     code, body, _ = gpuline(project, "rollback", "--model", "tiny", "--stage", "production")
     assert code == 2 and "never been in production" in body["error"]
 

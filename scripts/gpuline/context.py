@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpuline import gha
-from gpuline.errors import ConfigError, InputError
+from gpuline.errors import ConfigError, InputError, Location
 from gpuline.inputs import Inputs
 from gpuline.ledger import open_ledger
 from gpuline.registry import open_registry
 from gpuline.registry.base import ModelRegistry
-from gpuline.runs import Ledger, Lineage, RunRecord, new_run_id, utcnow
+from gpuline.runs import Ledger, Lineage, Project, RunRecord, new_run_id, utcnow
 from gpuline.spec import Backends, Policy, Spec, load_policy, load_spec
 from gpuline.yamlsource import YamlDocument, load_yaml
 
@@ -71,6 +71,25 @@ class Context:
         return self.config_path.resolve().parent
 
     @cached_property
+    def project(self) -> Project:
+        """This project's identity, as its runs carry it."""
+        return project_of(self.config_path)
+
+    def _backends_dir(self, given: str | None) -> Path:
+        """The folder relative backend URIs resolve in. Unless the URI was given (GPULINE_LEDGER and
+        the like: `gpuline models` on a shared registry needs no project), a gpuline.yml that does not
+        exist (a typo'd --config, a folder without one) is an error here: a ledger created beside it
+        would read as "no runs" and record new ones where no project will look for them."""
+        if given is None and not self.config_path.is_file():
+            what = "is a directory, not a file" if self.config_path.is_dir() else "file not found"
+            raise InputError(
+                what,
+                location=Location(self.config_path),
+                hint="pass --config PATH (GPULINE_CONFIG) of the project's gpuline.yml, or run from its folder",
+            )
+        return self.project_dir
+
+    @cached_property
     def base_spec(self) -> Spec:
         return load_spec(self.config_path)
 
@@ -113,12 +132,14 @@ class Context:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return open_ledger(self.inputs.ledger or self.backends.ledger, self.project_dir)
+        base = self._backends_dir(self.inputs.ledger)
+        return open_ledger(self.inputs.ledger or self.backends.ledger, base)
 
     @cached_property
     def registry(self) -> ModelRegistry:
         """The model registry, its credentials masked in the log before any step uses it."""
-        registry = open_registry(self.inputs.registry or self.backends.registry, self.project_dir)
+        base = self._backends_dir(self.inputs.registry)
+        registry = open_registry(self.inputs.registry or self.backends.registry, base)
         for secret in registry.secrets():
             gha.mask(secret)
         return registry
@@ -127,7 +148,8 @@ class Context:
     def storage(self) -> Storage:
         from gpuline.storage import open_storage
 
-        return open_storage(self.inputs.storage or self.backends.storage, self.project_dir)
+        base = self._backends_dir(self.inputs.storage)
+        return open_storage(self.inputs.storage or self.backends.storage, base)
 
     def workdir(self, run_id: str) -> Path:
         path = self.project_dir / ".gpuline" / "runs" / run_id
@@ -141,6 +163,7 @@ class Context:
         if not self.run_id:
             raise InputError("no run given", hint="pass --run-id ID (printed by `gpuline preflight` or `provision`)")
         record = self.ledger.get_run(self.run_id)
+        self._check_project(record)
         if self.tier_given is not None and self.tier_given != record.tier:
             raise InputError(
                 f"run {record.run_id} is a {record.tier} run; it cannot be acted on as {self.tier_given}",
@@ -148,6 +171,31 @@ class Context:
             )
         self.use_tier(record.tier)
         return record
+
+    def _check_project(self, record: RunRecord) -> None:
+        """Refuse another project's run: a shared ledger holds many projects' runs, and one reached by
+        a wrong or stale --run-id must not train here or be promoted into this project's registry."""
+        if record.project is None or record.project.same_as(self.project):
+            return
+        raise InputError(
+            f"run {record.run_id} belongs to the project {record.project.describe()}, "
+            f"not to this one ({self.project.describe()})",
+            hint="pass a run this project created (`gpuline status` lists them), or the --config that created it",
+        )
+
+    def refuse_closed(self) -> None:
+        """A closed run (torn down, or closed by the reaper) never runs a step again: its lease and
+        quota are gone, so training it would use a machine nothing pays for or tears down, and
+        promoting it would release what its record calls failed."""
+        record = self.ledger.get_run(self.run_id or "")
+        released = record.times.released
+        if released is None:
+            return
+        raise InputError(
+            f"run {record.run_id} was closed at {released:%Y-%m-%d %H:%M:%S} UTC "
+            f"({record.status} after {record.stage}); a closed run is never resumed",
+            hint="start a new run: drop --run-id (GPULINE_RUN_ID)",
+        )
 
     def ensure_run(self) -> RunRecord:
         """The run named by --run-id, or a new one: the first step that needs a run creates it."""
@@ -159,6 +207,7 @@ class Context:
             model=spec.model.name,
             team=spec.model.team,
             tier=self.tier,
+            project=self.project,
             lineage=collect_lineage(self, spec),
             resolved_config=spec.model_dump(mode="json", by_alias=True),
             provider=spec.resources.provider,
@@ -197,6 +246,29 @@ def collect_lineage(ctx: Context, spec: Spec) -> Lineage:
         dataset_uri=spec.dataset.uri,
         dataset_sha256=spec.dataset.sha256,
     )
+
+
+def project_of(config_path: Path) -> Project:
+    """The repository (GITHUB_REPOSITORY, else the clone's origin) and the config's path inside it
+    (its checkout's root from git, else GITHUB_WORKSPACE): the same on every machine a workflow's
+    jobs run on, whatever folder each checked the repository out into."""
+    path = config_path.resolve()
+    env = os.environ
+    repository = env.get("GITHUB_REPOSITORY") or repository_name(
+        _git(path.parent, "config", "--get", "remote.origin.url")
+    )
+    top = _git(path.parent, "rev-parse", "--show-toplevel") or env.get("GITHUB_WORKSPACE", "")
+    root = Path(top).resolve() if top else None
+    inside = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else str(path)
+    return Project(repository=repository, config=inside)
+
+
+def repository_name(remote_url: str) -> str:
+    """``owner/name`` of a remote URL (``https://host/o/n.git``, ``git@host:o/n.git``), as GitHub spells it."""
+    url = remote_url.strip().removesuffix("/").removesuffix(".git")
+    path = url.split("://", 1)[1].partition("/")[2] if "://" in url else url.rpartition(":")[2]
+    parts = [p for p in path.split("/") if p]
+    return "/".join(parts[-2:])
 
 
 def _git(cwd: Path, *args: str) -> str:

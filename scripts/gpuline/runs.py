@@ -75,11 +75,34 @@ class Lineage(_Record):
     dataset_sha256: str = ""
 
 
+class Project(_Record):
+    """The project a run belongs to: its repository (``owner/name``, empty when it cannot be told) and
+    its gpuline.yml's path inside that repository (the absolute path when it is in none). A step
+    acts only on runs of its own project, so a run reached through a shared ledger is never trained,
+    gated or promoted into another project's registry."""
+
+    repository: str = ""
+    config: str = ""
+
+    def same_as(self, other: Project) -> bool:
+        if self.config != other.config:
+            return False
+        # One side unable to name its repository (a clone without a remote) is no mismatch by itself.
+        if not (self.repository and other.repository):
+            return True
+        return self.repository.casefold() == other.repository.casefold()
+
+    def describe(self) -> str:
+        return f"{self.repository}:{self.config}" if self.repository else self.config
+
+
 class RunRecord(_Record):
     run_id: str
     model: str
     team: str
     tier: str
+    project: Project | None = None
+    """Which project created the run; None on runs recorded before runs carried it (any project may act on those)."""
     status: RunStatus = "created"
     stage: str = "created"
     """The last step that finished (or the one that failed), so a person sees where it stopped."""

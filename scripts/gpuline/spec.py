@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gpuline.errors import ConfigError, Location, clip_repr
 from gpuline.yamlsource import YamlDocument, closest, dotted, load_yaml
@@ -99,15 +99,26 @@ class Entrypoint(_Model):
 class Resources(_Model):
     provider: str = Field(default="local", description="local, ec2, kubernetes, rest (or an alias).")
     gpu_type: str = Field(default="cpu", description="GPU model (t4, l4, a10g, a100, h100) or cpu.")
-    gpu_count: int = Field(default=0, ge=0, le=64)
-    nodes: int = Field(default=1, ge=1, le=64)
-    procs_per_node: int = Field(default=1, ge=1, le=64)
+    # Strict: YAML's `true` is not a count (lax validation would read it as 1 GPU).
+    gpu_count: int = Field(default=0, ge=0, le=64, strict=True)
+    nodes: int = Field(default=1, ge=1, le=64, strict=True)
+    procs_per_node: int = Field(default=1, ge=1, le=64, strict=True)
     max_duration: Duration = Field(default=3600, description="Hard stop for training (e.g. 45m, 2h).")
     lane: Literal["spot", "on-demand"] = "on-demand"
     region: str | None = None
     instance_type: str | None = Field(default=None, description="Pin an instance type instead of choosing.")
     image: str | None = Field(default=None, description="Container or machine image to run on.")
     options: dict[str, Any] = Field(default_factory=dict, description="Provider-specific settings.")
+
+    @field_validator("provider")
+    @classmethod
+    def _canonical_provider(cls, name: str) -> str:
+        """An alias (aws, k8s) becomes its provider's name here, so pricing, leases and the run record all
+        see one name. Any other name is kept: the pricing catalog may price providers gpuline cannot
+        launch, and preflight refuses one that a run would need to launch."""
+        from gpuline.providers import PROVIDERS
+
+        return PROVIDERS.canonical(name) if PROVIDERS.knows(name) else name
 
 
 class Checkpointing(_Model):
@@ -120,7 +131,7 @@ class Checkpointing(_Model):
 
 
 class Gate(_Model):
-    metric: str
+    metric: str = Field(min_length=1, description="A key of the eval metrics the gate reads.")
     slice: str | None = Field(default=None, description="Check the metric on this slice of the eval set.")
     goal: Literal["maximize", "minimize"] = "maximize"
     min: float | None = None
@@ -137,7 +148,7 @@ class Gate(_Model):
 
 
 class Eval(_Model):
-    baseline: str = Field(default="production", description="Registry stage to compare against.")
+    baseline: Stage = Field(default="production", description="Registry stage to compare against.")
     gates: list[Gate] = Field(default_factory=list)
     command: list[str] | None = Field(
         default=None,

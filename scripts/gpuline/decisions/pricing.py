@@ -69,9 +69,18 @@ class Catalog(_Model):
     providers: dict[str, ProviderPrices]
     gpu_speed: dict[str, float] = Field(default_factory=dict)
 
+    def key(self, provider: str) -> str:
+        """The catalog's key for ``provider``: the name itself, else the provider an alias stands for
+        (aws -> ec2), so the names gpuline.yml may use all find their prices."""
+        if provider in self.providers:
+            return provider
+        from gpuline.providers import PROVIDERS
+
+        return PROVIDERS.canonical(provider) if PROVIDERS.knows(provider) else provider
+
     def provider(self, name: str) -> ProviderPrices:
         try:
-            return self.providers[name]
+            return self.providers[self.key(name)]
         except KeyError:
             raise InputError(
                 f"the pricing catalog has no provider {name!r}",
@@ -79,7 +88,7 @@ class Catalog(_Model):
             ) from None
 
     def instance(self, provider: str, instance_type: str) -> Instance | None:
-        prices = self.providers.get(provider)
+        prices = self.providers.get(self.key(provider))
         return prices.instances.get(instance_type) if prices else None
 
     def choose(
@@ -110,12 +119,12 @@ class Catalog(_Model):
         return self.gpu_speed.get(gpu_type)
 
     def storage_price(self, provider: str) -> float:
-        prices = self.providers.get(provider)
+        prices = self.providers.get(self.key(provider))
         own = prices.storage_usd_per_gb_month if prices else None
         return self.storage_usd_per_gb_month if own is None else own
 
     def egress_price(self, provider: str) -> float:
-        prices = self.providers.get(provider)
+        prices = self.providers.get(self.key(provider))
         own = prices.egress_usd_per_gb if prices else None
         return self.egress_usd_per_gb if own is None else own
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpuline.errors import InputError
+from gpuline.errors import InputError, clip_repr
 from gpuline.plugins import Registry
 from gpuline.registry.base import Audit, ModelRegistry, ModelVersion, StageChange
 
-__all__ = ["BACKENDS", "Audit", "ModelRegistry", "ModelVersion", "StageChange", "open_registry"]
+__all__ = ["BACKENDS", "Audit", "ModelRegistry", "ModelVersion", "StageChange", "check_uri", "open_registry"]
 
 _MLFLOW = "gpuline.registry.mlflow:open_mlflow"
 
@@ -32,13 +32,24 @@ BACKENDS = Registry(
 )
 
 
-def open_registry(uri: str, base_dir: Path) -> ModelRegistry:
+HINT = "use file://.gpuline/registry, s3://BUCKET/PREFIX or mlflow+https://HOST"
+
+
+def check_uri(uri: str) -> str:
+    """The URI's scheme, when it names a registry backend; an InputError otherwise (preflight calls
+    this, so a registry nobody can open fails before training, not at eval-gate after it)."""
     scheme, sep, _ = uri.partition("://")
     if not sep:
+        raise InputError(f"registry URI {clip_repr(uri)} has no scheme", hint=HINT)
+    if not BACKENDS.knows(scheme):
         raise InputError(
-            f"registry URI {uri!r} has no scheme",
-            hint="use file://.gpuline/registry, s3://BUCKET/PREFIX or mlflow+https://HOST",
+            f"registry URI {clip_repr(uri)}: {clip_repr(scheme)} is not a valid {BACKENDS.kind}",
+            hint=f"valid choices are {', '.join(BACKENDS.names())}",
         )
-    factory = BACKENDS.load(scheme)
+    return scheme
+
+
+def open_registry(uri: str, base_dir: Path) -> ModelRegistry:
+    factory = BACKENDS.load(check_uri(uri))
     registry: ModelRegistry = factory(uri, base_dir)
     return registry

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
-from gpuline import gha
+from gpuline import contract, gha, ledger, registry, storage
 from gpuline.context import Context
-from gpuline.errors import ConfigError, InputError, Location, PolicyDenied
-from gpuline.providers import check_nodes
+from gpuline.decisions.pricing import load_catalog
+from gpuline.errors import ConfigError, InputError, Location, PolicyDenied, clip, clip_repr
+from gpuline.providers import PROVIDERS, check_nodes
 from gpuline.results import PreflightResult
 from gpuline.runs import RunRecord
-from gpuline.spec import Spec, Tier
+from gpuline.spec import TIERS, Spec, Tier
 from gpuline.stage import recorded
 from gpuline.training import check_entrypoint_imports, compat, dataset, entry_command, smoke_test
+from gpuline.yamlsource import dotted
 
 SMOKE_TIMEOUT_S = 180
 
@@ -26,14 +29,17 @@ def run(ctx: Context, args: argparse.Namespace) -> PreflightResult:
 
 def preflight(ctx: Context) -> PreflightResult:
     _ = ctx.spec, ctx.policy  # schema errors surface here, before a run record exists
+    backends = check_backends(ctx)  # so does a ledger, registry or store that no backend can open
     record = ctx.ensure_run()
     spec = ctx.spec  # as the run's tier runs it
-    rows: list[tuple[str, str]] = [("schema", f"`{ctx.config_path}` and policy are valid")]
+    rows: list[tuple[str, str]] = [("schema", f"`{ctx.config_path}` and policy are valid"), ("backends", backends)]
     with recorded(ctx, "preflight"):
         with gha.group("preflight: policy"):
             rows.append(("policy", check_tier_rules(ctx, spec)))
         with gha.group("preflight: resources"):
             rows.append(("resources", check_resources(ctx, spec)))
+            rows.append(("pricing", check_pricing(ctx)))
+            rows.append(("steps", check_steps(ctx)))
         with gha.group("preflight: secrets"):
             rows.append(("secrets", check_secrets(ctx, spec)))
         with gha.group("preflight: dataset"):
@@ -44,8 +50,9 @@ def preflight(ctx: Context) -> PreflightResult:
             rows.append(("entrypoint", check_entrypoint(ctx, spec)))
             rows += check_hooks(ctx, spec)
         with gha.group("preflight: one-batch overfit smoke test (CPU)"):
-            smoke_line, step_s = smoke(ctx, spec, record)
+            smoke_line, step_s, metrics = smoke(ctx, spec, record)
             rows.append(("smoke test", smoke_line))
+            rows.append(("gate metrics", check_gate_metrics(ctx, spec, metrics)))
     return PreflightResult(
         run_id=record.run_id, checks=rows, smoke_step_s=step_s, evaluates=spec.eval.command is not None
     )
@@ -74,14 +81,118 @@ def check_tier_rules(ctx: Context, spec: Spec) -> str:
 
 
 def check_resources(ctx: Context, spec: Spec) -> str:
-    """What the provider can launch: a multi-node spec on a one-machine provider fails here, not at the bill."""
-    res = spec.resources
-    try:
-        check_nodes(res.provider, res.nodes)
-    except ConfigError as exc:
-        exc.location = Location(ctx.config_path, ctx.line_of(("resources", "nodes")), field="resources.nodes")
-        raise
-    return f"{res.nodes} node(s) on {res.provider}"
+    """What the provider can launch, in every tier: an unknown provider, or a multi-node spec on a
+    one-machine provider, fails here, not at provision or at the bill."""
+    for tier in (ctx.tier, *TIERS):
+        res = ctx.base_spec.for_tier(tier).resources
+        if not PROVIDERS.knows(res.provider):
+            aliases = ", ".join(sorted(PROVIDERS.aliases))
+            raise ConfigError(
+                f"{clip_repr(res.provider)} is not a provider gpuline can launch",
+                location=_where(ctx, tier, "resources", "provider"),
+                hint=f"use one of {', '.join(PROVIDERS.names())} (or an alias: {aliases})",
+            )
+        try:
+            check_nodes(res.provider, res.nodes)
+        except ConfigError as exc:
+            exc.location = _where(ctx, tier, "resources", "nodes")
+            raise
+    return f"{spec.resources.nodes} node(s) on {spec.resources.provider}"
+
+
+def check_backends(ctx: Context) -> str:
+    """Each backend URI (``GPULINE_LEDGER``/``_REGISTRY``/``_STORAGE`` over ``backends.*``) names a
+    backend gpuline has: a registry nobody can open would otherwise fail at eval-gate, after a GPU
+    trained the model, and a store during training."""
+    checks: list[tuple[str, str, str | None, Callable[[str], str]]] = [
+        ("ledger", contract.LEDGER, ctx.inputs.ledger, ledger.check_uri),
+        ("registry", contract.REGISTRY, ctx.inputs.registry, registry.check_uri),
+        ("storage", contract.STORAGE, ctx.inputs.storage, storage.check_uri),
+    ]
+    schemes = []
+    for kind, variable, given, check in checks:
+        uri = given or str(getattr(ctx.base_spec.backends, kind))
+        try:
+            schemes.append(f"{kind} {check(uri) or 'file'}")
+        except InputError as exc:
+            if given:
+                raise InputError(f"{variable}: {exc.message}", hint=f"{exc.hint}, or unset {variable}") from None
+            exc.location = _where(ctx, None, "backends", kind)
+            raise
+    return ", ".join(schemes)
+
+
+def check_pricing(ctx: Context) -> str:
+    """What cost-estimate will price, for every tier: the provider in the pricing catalog, a pinned
+    instance type among its instances, or an instance with the GPUs asked for."""
+    catalog = load_catalog(ctx.project_dir)
+    chosen = ""
+    for tier in TIERS:
+        res = ctx.base_spec.for_tier(tier).resources
+        try:
+            name, _ = catalog.choose(res.provider, res.gpu_type, res.gpu_count, res.instance_type, res.lane)
+        except InputError as exc:
+            if res.instance_type:
+                exc.location = _where(ctx, tier, "resources", "instance_type")
+            elif catalog.key(res.provider) not in catalog.providers:
+                exc.location = _where(ctx, tier, "resources", "provider")
+            else:
+                exc.location = _where(ctx, tier, "resources", "gpu_type")
+            raise
+        if tier == ctx.tier:
+            chosen = f"{name} ({res.provider}) is in the pricing catalog {catalog.version}"
+    return chosen
+
+
+def check_steps(ctx: Context) -> str:
+    """``hyperparameters.steps``, when given, is a positive whole number in every tier: the estimate
+    counts on it, and a script handed "abc" fails only once a machine is up."""
+    for tier in TIERS:
+        steps = ctx.base_spec.for_tier(tier).hyperparameters.get("steps")
+        if steps is None:
+            continue
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ConfigError(
+                f"steps must be a positive whole number (got {clip_repr(steps)})",
+                location=_where(ctx, tier, "hyperparameters", "steps"),
+                hint="write the number of training steps (e.g. steps: 1000), or leave it out",
+            )
+    steps = ctx.spec.hyperparameters.get("steps")
+    return f"{steps} steps" if steps is not None else "not given (the estimate is bounded by max_duration)"
+
+
+def check_gate_metrics(ctx: Context, spec: Spec, metrics: dict[str, Any] | None) -> str:
+    """Every gate names a metric the script writes, when its smoke run wrote its eval metrics: a gate
+    that cannot be read fails only after training, on a GPU that was paid for."""
+    gates = spec.eval.gates
+    if not gates:
+        return "no gates"
+    if spec.eval.command:
+        return f"{len(gates)} gate(s) on what eval.command writes (read in eval-gate)"
+    if metrics is None:
+        return f"{len(gates)} gate(s); the script wrote no eval metrics in smoke mode, so none could be checked"
+    for i, gate in enumerate(gates):
+        source = metrics if gate.slice is None else (metrics.get("slices") or {}).get(gate.slice)
+        key = "metric" if isinstance(source, dict) else "slice"
+        if isinstance(source, dict) and gate.metric in source:
+            continue
+        names = sorted(str(k) for k in (source if isinstance(source, dict) else metrics.get("slices") or {}))
+        what = f"metric {gate.metric!r}" if key == "metric" else f"slice {gate.slice!r}"
+        raise ConfigError(
+            f"the script writes no {what} in its eval metrics (it writes: {clip(', '.join(names) or 'none', 200)})",
+            location=Location(ctx.config_path, ctx.line_of(("eval", "gates", i, key)), field=f"eval.gates[{i}].{key}"),
+            hint=f"name one the script writes in eval.gates[{i}].{key}, or write it from the script",
+        )
+    return f"{len(gates)} gate(s) read metrics the script writes"
+
+
+def _where(ctx: Context, tier: str | None, section: str, key: str) -> Location:
+    """``section.key`` in gpuline.yml, or ``tiers.TIER.section.key`` when that tier's override sets it."""
+    override = ctx.base_spec.tiers.get(cast(Tier, tier)) if tier else None
+    loc: tuple[str, ...] = (section, key)
+    if override is not None and key in getattr(override, section, {}):
+        loc = ("tiers", str(tier), section, key)
+    return Location(ctx.config_path, ctx.line_of(loc), field=dotted(loc))
 
 
 def check_secrets(ctx: Context, spec: Spec) -> str:
@@ -163,7 +274,7 @@ def check_entrypoint(ctx: Context, spec: Spec) -> str:
     return f"`{path.name}` imports"
 
 
-def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | None]:
+def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | None, dict[str, Any] | None]:
     path = dataset.resolve(spec, ctx.project_dir, ctx.config_path, ctx.workdir(record.run_id))
     result = smoke_test(
         entry_command(spec.entrypoint.command, ctx.inputs.python),
@@ -187,4 +298,5 @@ def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | Non
 
     ctx.ledger.update_run(record.run_id, keep)
     ctx.event("preflight.smoke", first_loss=losses[0], last_loss=losses[-1], steps=len(losses), step_s=step_s)
-    return f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps on one batch", step_s
+    line = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps on one batch"
+    return line, step_s, result.eval_metrics

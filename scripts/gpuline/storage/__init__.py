@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from gpuline.errors import InputError
+from gpuline.errors import InputError, clip_repr
 from gpuline.plugins import Registry
 from gpuline.storage.base import (
     Cancel,
@@ -50,6 +50,7 @@ __all__ = [
     "S3Storage",
     "Storage",
     "UploadCancelled",
+    "check_uri",
     "delete_checkpoint",
     "download_checkpoint",
     "open_storage",
@@ -70,14 +71,23 @@ BACKENDS: Registry = Registry(
 )
 
 
-def open_storage(uri: str, base_dir: Path) -> Storage:
-    """``file://rel/or/abs`` (relative to ``base_dir``), a plain path, or ``s3://bucket/prefix``."""
-    scheme = urlparse(uri).scheme
+def check_uri(uri: str) -> str:
+    """The URI's scheme ("" for a plain path), when it names a storage backend; an InputError
+    otherwise (preflight calls this, so a store nobody can write fails before a machine is leased)."""
+    try:
+        scheme = urlparse(uri).scheme
+    except ValueError:  # an unbalanced [ in the host part
+        scheme = uri.partition("://")[0]
     if not BACKENDS.knows(scheme):
         raise InputError(
-            f"storage URI {uri!r} has an unknown scheme {scheme!r}",
+            f"storage URI {clip_repr(uri)}: {clip_repr(scheme)} is not a valid {BACKENDS.kind}",
             hint="use file://DIR (relative to gpuline.yml) or s3://BUCKET/PREFIX",
         )
-    factory = BACKENDS.load(scheme)
+    return scheme
+
+
+def open_storage(uri: str, base_dir: Path) -> Storage:
+    """``file://rel/or/abs`` (relative to ``base_dir``), a plain path, or ``s3://bucket/prefix``."""
+    factory = BACKENDS.load(check_uri(uri))
     storage: Storage = factory(uri, base_dir)
     return storage

@@ -79,6 +79,8 @@ class SmokeResult:
     step_seconds: float | None
     exit_code: int
     output_tail: list[str]
+    eval_metrics: dict[str, Any] | None = None
+    """What the script wrote to GPULINE_EVAL_PATH in smoke mode (its metric names); None: it wrote nothing."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class RunPaths:
     @property
     def stopped(self) -> Path:
         return self.root / "stopped.json"
+
+    @property
+    def first_step(self) -> Path:
+        """When a supervisor first saw the trainer write a step: kept across supervisors of the run."""
+        return self.root / "first-step.json"
 
     def contract(
         self,

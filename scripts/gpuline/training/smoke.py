@@ -2,7 +2,8 @@
 
 The import check imports the entrypoint in a child interpreter (its ``__main__`` block does not run)
 and names the missing module and the line that imports it. The smoke test runs the entrypoint with
-``GPULINE_SMOKE=1``: it trains ~20 steps on one batch, and the loss must fall.
+``GPULINE_SMOKE=1``: it trains ~20 steps on one batch, and the loss must fall. A script that also
+writes its eval metrics (``GPULINE_EVAL_PATH``) in smoke mode reports their names with the result.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gpuline import contract
 from gpuline.errors import InputError, Location
 from gpuline.inputs import given
 from gpuline.training.launch import child_env, python_interpreter
-from gpuline.training.metrics import read_metrics
+from gpuline.training.metrics import read_eval, read_metrics
 from gpuline.training.process import TAIL_LINES, LineReader, exit_code, signal_group, start_child
 from gpuline.training.request import RunPaths, SmokeResult
 
@@ -69,7 +70,11 @@ def smoke_test(
                 f"the smoke test of `{shown}` exited with code {code}: {last}",
                 hint=f"run it locally with {contract.SMOKE}=1 and fix the error shown",
             )
-        return _smoke_result(read_metrics(paths.metrics), wall, code, lines, shown)
+        result = _smoke_result(read_metrics(paths.metrics), wall, code, lines, shown)
+        # A script that evaluates in smoke mode too names the metrics it writes, so preflight can
+        # check the gates against them before a GPU trains a model whose gates cannot be read.
+        result.eval_metrics = read_eval(paths.eval) if paths.eval.is_file() else None
+        return result
 
 
 def _run_to_exit(
