@@ -196,3 +196,69 @@ def test_provision_moves_the_budget_hold_to_the_lease_expiry(project: Path, caps
     ledger = open_ledger("sqlite:///.gpuline/ledger.db", project.parent)
     (held,) = [r for r in ledger.reservations(state="held") if r.run_id == est["run_id"]]
     assert held.expires_at.isoformat(timespec="seconds") == prov["expires_at"]
+
+
+# ---------------------------------------------------------------- what a person sees
+
+
+def test_run_without_a_tier_says_on_its_first_line_that_it_runs_nightly(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project.parent / "data.bin").unlink()  # preflight stops it: only the first line matters here
+    assert main(["run", "--config", str(project)]) == 2
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("gpuline run: no --tier given, so this runs the nightly tier (the default")
+    assert main(["run", "--config", str(project), "--tier", "nightly"]) == 2
+    assert "no --tier given" not in capsys.readouterr().out
+
+
+def test_a_refused_run_under_json_carries_its_id_decision_and_suggestions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_project(tmp_path / "p", policy="budgets:\n  teams:\n    vision:\n      gpu_hours: {hard: 0.01}\n")
+    code, body = run_json(capsys, "run", "--config", str(config), "--tier", "pr-fast")
+    assert code == 1 and body["ok"] is False and body["exit_code"] == 1
+    assert body["run_id"] and body["run_id"] == body["cost-estimate"]["run_id"]
+    assert body["preflight"]["verdict"] == "pass"
+    assert body["decision"]["decision"] == "deny" and body["decision"] == body["cost-estimate"]["decision"]
+    assert body["suggestions"] == body["decision"]["suggestions"] and isinstance(body["suggestions"], list)
+    assert "GPU-hours budget" in body["error"]
+
+
+def test_a_failed_gate_under_json_carries_the_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_framework_free import GATES, readme_trainer
+
+    config = write_project(tmp_path / "p", spec_extra=GATES % "0.000001", train_py=readme_trainer())
+    code, body = run_json(capsys, "run", "--config", str(config), "--tier", "nightly")
+    assert code == 1 and body["ok"] is False and body["run_id"]
+    assert body["gates"] == body["eval-gate"]["gates"] and body["gates"][0]["gate"] == "loss"
+    assert body["gates"][0]["passed"] is False
+    assert body["teardown"]["status"] == "refused" and body["teardown"]["lease_released"] is True
+
+
+def test_status_shows_events_without_json_and_keeps_its_columns_apart(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpuline.ledger import open_ledger
+    from gpuline.runs import RunRecord
+
+    _, prov = run_json(capsys, "provision", "--config", str(project))
+
+    def promoted(r: RunRecord) -> None:
+        r.promoted_version, r.promoted_stage, r.lineage.commit = 12, "production", "abcdef1234567890"
+
+    open_ledger("sqlite:///.gpuline/ledger.db", project.parent).update_run(prov["run_id"], promoted)
+    assert main(["status", "--config", str(project), "--events"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, row = lines[0], lines[1]
+    at = header.index("COMMIT")
+    assert row[at:].startswith("abcdef1234") and row[header.index("VERSION") :].startswith("v12 production ")
+    assert any("lease.recorded" in line for line in lines[2:])  # the run's events, under its row
+    assert main(["status", "--config", str(project)]) == 0
+    assert not any("lease.recorded" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_status_help_says_what_it_shows_without_a_run_id() -> None:
+    result = gpuline("status", "--help")
+    assert "(default: the latest)" not in result.stdout
+    assert "newest --limit runs" in " ".join(result.stdout.split())

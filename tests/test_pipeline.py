@@ -23,7 +23,9 @@ pytestmark = [
 ]
 
 
-def gpuline(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def gpuline(
+    project: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "gpuline.cli", *args],
         cwd=project,
@@ -31,6 +33,7 @@ def gpuline(project: Path, *args: str, check: bool = True) -> subprocess.Complet
         text=True,
         timeout=600,
         check=False,
+        env={**os.environ, **env} if env else None,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"gpuline {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -42,6 +45,9 @@ def as_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return body
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit the nightly run is told it builds
+
+
 @pytest.fixture(scope="module")
 def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("example") / "example"
@@ -51,7 +57,7 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def nightly(example: Path) -> dict[str, Any]:
-    return as_json(gpuline(example, "run", "--tier", "nightly", "--json"))
+    return as_json(gpuline(example, "run", "--tier", "nightly", "--json", env={"GITHUB_SHA": COMMIT}))
 
 
 def test_nightly_runs_every_step_and_stages_version_1(nightly: dict[str, Any]) -> None:
@@ -84,7 +90,7 @@ def test_status_shows_lineage_and_gpu_seconds(example: Path, nightly: dict[str, 
     lineage = record["lineage"]
     assert len(lineage["config_hash"]) == 64
     assert len(lineage["dataset_sha256"]) == 64
-    assert "commit" in lineage
+    assert lineage["commit"] == COMMIT
     assert record["gpu_seconds"] > 0
     assert record["times"]["provisioned"] and record["times"]["first_step"] and record["times"]["released"]
     assert record["promoted_version"] == 1

@@ -21,7 +21,7 @@ import pytest
 from fixtures_aws import serial_aws, serial_moto  # noqa: F401
 from gpuline.errors import InputError, NotFoundError, RefusedError
 from gpuline.registry import open_registry
-from gpuline.registry.base import Audit, ModelRegistry
+from gpuline.registry.base import Audit, ModelRegistry, StaleBaseline
 from gpuline.runs import GateVerdict
 
 
@@ -172,11 +172,11 @@ def stale_first_decision(
     real: Callable[..., Any] = module.promoted
     other_landed, decided = threading.Event(), []
 
-    def slow(state: Any, model: str, stage: str, v: int, audit: Audit | None) -> Any:
+    def slow(state: Any, model: str, stage: str, v: int, audit: Audit | None, *rest: Any) -> Any:
         decided.append(v)
         if v == version and decided.count(v) == 1:
             other_landed.wait(timeout=patience_s)  # the file backend holds its lock here: the other waits
-        return real(state, model, stage, v, audit)
+        return real(state, model, stage, v, audit, *rest)
 
     monkeypatch.setattr(module, "promoted", slow)
     return other_landed, decided
@@ -242,6 +242,47 @@ def test_concurrent_promotions_all_land(backend: Backend, model: str) -> None:
     assert [c.previous for c in history] == [None, *[c.version for c in history[:-1]]]
     for expected in reversed([c.version for c in history[:-1]]):
         assert reg.rollback(model, "production").version == expected
+
+
+def test_promote_with_an_expected_version_is_a_compare_and_set(backend: Backend, model: str) -> None:
+    reg = backend.open()
+    versions(reg, model, 3)
+    with pytest.raises(StaleBaseline, match="holds nothing, but v1 was gated against v9"):
+        reg.promote(model, 1, "production", expected=9)
+    assert reg.promote(model, 1, "production", expected=None).previous is None  # None: an empty stage
+    assert reg.promote(model, 2, "production", expected=1).previous == 1
+    with pytest.raises(StaleBaseline, match="now holds v2, but v3 was gated against v1") as stale:
+        reg.promote(model, 3, "production", expected=1)
+    assert stale.value.exit_code == 1 and stale.value.current == 2
+    assert reg.in_stage(model, "production").version == 2  # type: ignore[union-attr]
+    assert reg.promote(model, 2, "production", expected=1).version == 2  # a retry of what landed
+    assert [c.version for c in reg.history(model, "production")] == [1, 2]
+    assert reg.promote(model, 3, "production", expected=2).previous == 2
+
+
+def test_concurrent_promotions_expecting_one_version_land_once(backend: Backend, model: str) -> None:
+    reg = backend.open()
+    versions(reg, model, 5)
+    reg.promote(model, 1, "production")
+    start, landed, stale, errors = threading.Barrier(4), [], [], []
+
+    def promote(version: int) -> None:
+        try:
+            client = backend.open()
+            start.wait(timeout=30)
+            landed.append(client.promote(model, version, "production", expected=1).version)
+        except StaleBaseline as exc:
+            stale.append(exc.current)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in (2, 3, 4, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(landed) == 1 and stale == landed * 3
+    assert [(c.version, c.previous) for c in reg.history(model, "production")] == [(1, None), (landed[0], 1)]
 
 
 def test_missing_models_versions_and_stages_are_gpuline_errors(backend: Backend, model: str) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -265,6 +266,28 @@ def test_sigkill_of_the_supervisor_then_rerun_resumes(tmp_path: Path) -> None:
     assert outcome.resumed_from_step is not None and outcome.resumed_from_step >= 10
     assert outcome.final_step == 30 and outcome.stop_reason == "completed"
     assert len(rec.matching("resuming run run-test from checkpoint step")) == 1
+
+
+def test_after_a_sigkilled_supervisor_the_first_step_is_the_first_trains(tmp_path: Path) -> None:
+    """The run's first step is when its first train began stepping, not when the supervisor started
+    after the kill resumed it: otherwise the first train's work counts as idle machine time."""
+    workdir = tmp_path / "work"
+    write_trainer(tmp_path)
+    proc = subprocess.Popen(driver_argv(tmp_path, workdir, steps=400, sleep=0.02), stdout=subprocess.DEVNULL)
+    try:
+        wait_for_metrics(workdir / "metrics.jsonl", 12)
+        note = workdir / "first-step.json"
+        while not note.exists() and proc.poll() is None:
+            time.sleep(0.01)  # the first supervisor has seen a step (it notes it the moment it does)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = datetime.now(UTC)
+    outcome = supervise(make_request(tmp_path, workdir=workdir, steps=30))
+    assert outcome.resumed_from_step is not None and outcome.stop_reason == "completed"
+    assert outcome.first_step_at is not None and outcome.last_step_at is not None
+    assert outcome.first_step_at < killed_at < outcome.last_step_at  # both trains' work is in between
+    assert outcome.first_step_at.isoformat() == json.loads(note.read_text())["at"]
 
 
 def test_sigkill_of_the_supervisor_mid_upload_leaves_no_checkpoint_claiming_completeness(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,29 @@ def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
     ckpt.wait()
     assert not ckpt.in_flight
     assert [s for s, _ in checkpoints.complete(tmp_path)] == [1, 2]
+
+
+def test_save_returns_before_the_write_so_the_stall_is_only_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write waits until ``save`` has returned: a save that joined its writer (a synchronous save,
+    or a stall that includes the write) would still be inside ``save`` when the write looks, and fail."""
+    returned, seen = threading.Event(), []
+    real = checkpoints.commit_checkpoint
+
+    def commit_after_return(*args: Any, **kwargs: Any) -> Path:
+        # A safety net for a save that never returns, not a margin: the async save sets it at once.
+        seen.append(returned.wait(timeout=20))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "commit_checkpoint", commit_after_return)
+    ckpt = TorchCheckpointer(tmp_path, "r")
+    ckpt.save(1, {"model": {"w": torch.ones(10)}})
+    returned.set()
+    assert ckpt.in_flight or seen  # the write runs beside the caller
+    ckpt.wait()
+    assert seen == [True]  # it began only after save had returned
+    assert checkpoints.verify(tmp_path / "step-00000001").ok and len(ckpt.stalls) == 1
 
 
 def test_keep_prunes_locally(tmp_path: Path) -> None:
@@ -168,6 +193,66 @@ def test_stop_flag_turns_sigterm_into_a_request() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# A trainer on run_loop that logs every step; argv[1]: a file it writes once it is training.
+PIPE_TRAINER = r"""
+import sys, time
+from pathlib import Path
+import torch
+from gpuline_trainer import STOPPED_EXIT_CODE, Contract, run_loop
+
+contract, ready, w = Contract.from_env(), Path(sys.argv[1]), torch.zeros(4)
+
+def step(i):
+    if i == 3:
+        ready.write_text("training")
+    time.sleep(0.005)
+    return 1.0
+
+result = run_loop(contract, total_steps=10**9, train_step=step, state=lambda: {"w": w},
+                  load_state=lambda s: None, log_every=1)
+print(f"stopped at step {result.step}")
+sys.exit(STOPPED_EXIT_CODE if result.stopped else 0)
+"""
+
+
+def test_a_trainer_whose_output_reader_died_still_saves_its_final_checkpoint(tmp_path: Path) -> None:
+    """The supervisor reading the trainer's output is SIGKILLed: every later print meets a pipe with
+    no reader. The trainer is then told to stop, logs "saving", and must still save and exit 143."""
+    from gpuline.training.request import RunPaths
+
+    paths, ready = RunPaths(tmp_path / "work"), tmp_path / "ready"
+    env = {
+        **os.environ,
+        **paths.contract(
+            run_id="r",
+            hyperparameters={},
+            dataset_path=None,
+            checkpoint_interval=10**6,
+            resume_from=None,
+            max_duration_s=None,
+        ).to_env(),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PIPE_TRAINER, str(ready)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        while not ready.exists() and proc.poll() is None:
+            threading.Event().wait(0.01)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone, as when the supervisor is SIGKILLed
+        proc.stderr.close()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 143
+    newest, _ = checkpoints.newest_valid(paths.checkpoints)
+    stopped = json.loads(paths.stopped.read_text())
+    assert newest is not None and checkpoints.parse_step(newest.name) == stopped["step"] >= 3
 
 
 # ---------------------------------------------------------------- the reference example

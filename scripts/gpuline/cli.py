@@ -13,7 +13,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from gpuline import console
 from gpuline.inputs import Inputs
@@ -128,9 +128,9 @@ def _rollback_args(p: argparse.ArgumentParser, env: Inputs) -> None:
 
 
 def _status_args(p: argparse.ArgumentParser, env: Inputs) -> None:
-    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to show (default: the latest)")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--events", action="store_true", help="include each run's events")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to show (default: the newest --limit runs)")
+    p.add_argument("--limit", type=int, default=20, help="how many runs to show, newest first, without RUN_ID")
+    p.add_argument("--events", action="store_true", help="show each run's events under it (in --json too)")
 
 
 def _models_args(p: argparse.ArgumentParser, env: Inputs) -> None:
@@ -230,6 +230,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     ctx = Context.from_args(args)
     try:
         _check_tier(args.tier)
+        _say_default_tier(args)
         func: Callable[[Context, argparse.Namespace], StepResult]
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(ctx, args)
@@ -266,6 +267,17 @@ def _check_tier(tier: str | None) -> None:
         )
 
 
+def _say_default_tier(args: argparse.Namespace) -> None:
+    """`gpuline run` without a tier runs nightly (training, promotion to staging): say so first."""
+    from gpuline import gha
+
+    if args.command == "run" and args.tier is None and not args.run_id:
+        gha.info(
+            "gpuline run: no --tier given, so this runs the nightly tier (the default: preflight through "
+            "teardown, promoting to staging); pass --tier pr-fast, nightly or release to choose"
+        )
+
+
 def _write(ctx: Context, result: object, args: argparse.Namespace) -> None:
     """Write a result (a failed step's too, when it produced one) and the id of a run this command created."""
     from gpuline import gha
@@ -289,8 +301,33 @@ def _fail(ctx: Context, exc: Exception, args: argparse.Namespace) -> int:
         _write(ctx, exc.result, args)
     _report(exc, args)
     if args.json:
-        print(json.dumps({"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}))
+        print(json.dumps(_failure_json(ctx, exc), default=str, indent=2))
     return exc.exit_code
+
+
+def _failure_json(ctx: Context, exc: Exception) -> dict[str, Any]:
+    """The JSON of a failed command: the error, and what it did before it failed (the run, every
+    step's result, and at the top the gate verdicts and the policy's decision with its suggestions)."""
+    from gpuline.errors import GpulineError
+    from gpuline.results import StepResult
+
+    assert isinstance(exc, GpulineError)
+    out: dict[str, Any] = {"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code}
+    if ctx.run_id:
+        out["run_id"] = ctx.run_id  # the run the failure belongs to (none when it failed before one existed)
+    if not isinstance(exc.result, StepResult):
+        return out
+    body = exc.result.to_json()
+    out.update({k: v for k, v in body.items() if k not in ("ok", "error", "exit_code")})
+    # A step's own keys, or those of the steps of `gpuline run` (one object per step).
+    parts: list[dict[str, Any]] = [body, *(v for v in body.values() if isinstance(v, dict))]
+    for part in parts:
+        decision, gates = part.get("decision"), part.get("gates")
+        if isinstance(decision, dict) and "suggestions" not in out:
+            out["decision"], out["suggestions"] = decision, decision.get("suggestions", [])
+        if isinstance(gates, list) and "gates" not in out:
+            out["gates"] = gates
+    return out
 
 
 def _internal_error(exc: Exception, args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.contract import TrainerContract
+from gpuline_trainer.output import keep_output_alive
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,12 @@ class Contract:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, local_dir: Path = Path(".gpuline-local")
     ) -> Contract:
-        """Raises ``ValueError`` naming the variable when a value cannot be parsed."""
+        """Raises ``ValueError`` naming the variable when a value cannot be parsed.
+
+        Reading the contract also makes this process's stdout and stderr survive the supervisor
+        that reads them dying (:func:`gpuline_trainer.output.keep_output_alive`).
+        """
+        keep_output_alive()
         read = TrainerContract.from_env(os.environ if environ is None else environ, local_dir=local_dir)
         return cls(
             run_id=read.run_id,

@@ -20,6 +20,7 @@ import torch
 from gpuline_trainer import ddp
 from gpuline_trainer.checkpoint import TorchCheckpointer, rng_state, set_rng_state
 from gpuline_trainer.contract import Contract
+from gpuline_trainer.output import keep_output_alive
 from gpuline_trainer.signals import StopFlag
 
 
@@ -109,6 +110,7 @@ def run_loop(
     log_every: int = 50,
 ) -> LoopResult:
     """Train from the resume point (or step 0) to ``total_steps``, or until asked to stop."""
+    keep_output_alive()  # a log line to a supervisor that died must not cost the final save
     ctx = ctx or ddp.DistContext()
     stop = stop or StopFlag()
     checkpointer = TorchCheckpointer(contract.checkpoint_dir, contract.run_id)
@@ -161,6 +163,7 @@ def run_smoke(
     contract: Contract, train_step: Callable[[int], float], *, steps: int = 20, log: Callable[[str], None] = print
 ) -> list[float]:
     """Smoke mode (GPULINE_SMOKE=1): ``train_step`` should train on one fixed batch; losses go to the metrics file."""
+    keep_output_alive()
     metrics = MetricsWriter(contract.metrics_path)
     losses = []
     for step in range(1, steps + 1):

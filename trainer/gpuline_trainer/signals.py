@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterable
 from types import FrameType, TracebackType
 
+from gpuline_trainer.output import keep_output_alive
+
 EXIT_CODE = 128 + signal.SIGTERM
 
 
@@ -31,6 +33,8 @@ class StopFlag:
         self.signal_name = self.signal_name or reason
 
     def install(self) -> StopFlag:
+        # A stop usually comes with a dying supervisor: the "saving" line must not kill the save.
+        keep_output_alive()
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handler)

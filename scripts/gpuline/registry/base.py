@@ -7,19 +7,48 @@ and the workflow run that did it. The steps build the :class:`Audit`; backends o
 
 from __future__ import annotations
 
+import enum
 import re
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, model_validator
 
-from gpuline.errors import InputError
+from gpuline.errors import InputError, RefusedError
 from gpuline.runs import GateVerdict, utcnow
 
 STAGES = ("staging", "production")
 Action = Literal["promote", "rollback"]
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Unchecked(enum.Enum):
+    """``promote(expected=ANY)``: move the stage whatever it holds now (a person's explicit promotion)."""
+
+    ANY = "any"
+
+
+ANY = Unchecked.ANY
+# What a stage must hold for a promotion to go ahead: a version, None (nothing yet), or ANY.
+Expected = int | None | Unchecked
+
+
+class StaleBaseline(RefusedError):
+    """The stage no longer holds the version the candidate was gated against: gate it again."""
+
+    title = "baseline moved"
+
+    def __init__(self, model: str, stage: str, version: int | None, expected: int | None, current: int | None) -> None:
+        held = f"v{current}" if current is not None else "nothing"
+        gated = f"v{expected}" if expected is not None else "no baseline"
+        candidate = f"v{version}" if version is not None else "the candidate"
+        super().__init__(
+            f"{model} {stage} now holds {held}, but {candidate} was gated against {gated}, "
+            f"so {candidate} was not promoted",
+            hint=f"run eval-gate again, so the candidate is compared with {held}, then promote",
+        )
+        self.current = current
 
 
 class ModelVersion(BaseModel):
@@ -130,9 +159,20 @@ class ModelRegistry(Protocol):
 
     def in_stage(self, model: str, stage: str) -> ModelVersion | None: ...
     def promote(
-        self, model: str, version: int, stage: str, reason: str = "", audit: Audit | None = None
+        self,
+        model: str,
+        version: int,
+        stage: str,
+        reason: str = "",
+        audit: Audit | None = None,
+        expected: Expected = ANY,
     ) -> StageChange:
-        """Point ``stage`` at ``version``, pushing the current one onto the stage's history."""
+        """Point ``stage`` at ``version``, pushing the current one onto the stage's history.
+
+        With ``expected`` the move is a compare-and-set: it happens only while the stage still holds
+        that version (None: nothing), decided on the same read that the write is conditional on, and
+        :class:`StaleBaseline` otherwise. Promoting the version the stage already holds always succeeds.
+        """
         ...
 
     def rollback(self, model: str, stage: str, audit: Audit | None = None) -> StageChange:

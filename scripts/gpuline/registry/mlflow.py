@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.errors import InputError, NotFoundError
-from gpuline.registry.base import Audit, ModelVersion, StageChange, check_model, check_stage, with_reason
+from gpuline.registry.base import (
+    ANY,
+    Audit,
+    Expected,
+    ModelVersion,
+    StageChange,
+    check_model,
+    check_stage,
+    with_reason,
+)
 from gpuline.registry.mlflow_client import (
     ALREADY_EXISTS,
     calls,
@@ -246,14 +255,22 @@ class MlflowRegistry:
         raise contended(f"the stage history of {model} {stage} on {shown(self.tracking)}")
 
     def promote(
-        self, model: str, version: int, stage: str, reason: str = "", audit: Audit | None = None
+        self,
+        model: str,
+        version: int,
+        stage: str,
+        reason: str = "",
+        audit: Audit | None = None,
+        expected: Expected = ANY,
     ) -> StageChange:
         check_stage(stage)
         self.get(model, version)
         log = self._log(model, create=True)
         assert log is not None
         given = with_reason(audit, reason)
-        return self._move(model, stage, log, lambda state: promoted(state, model, stage, version, given))
+        # ``expected`` is checked on the log up to the place this change takes: a place is taken
+        # once, so no other change can come between the state decided on and this one.
+        return self._move(model, stage, log, lambda state: promoted(state, model, stage, version, given, expected))
 
     def rollback(self, model: str, stage: str, audit: Audit | None = None) -> StageChange:
         check_stage(stage)

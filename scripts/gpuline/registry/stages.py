@@ -15,7 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpuline.errors import InfraError, NotFoundError, RefusedError
-from gpuline.registry.base import Audit, ModelVersion, StageChange, change, check_stage, with_reason
+from gpuline.registry.base import (
+    ANY,
+    Audit,
+    Expected,
+    ModelVersion,
+    StageChange,
+    StaleBaseline,
+    change,
+    check_stage,
+    with_reason,
+)
 
 
 @dataclass(frozen=True)
@@ -37,13 +47,20 @@ Decide = Callable[[StageState], tuple[StageState | None, StageChange]]
 
 
 def promoted(
-    state: StageState, model: str, stage: str, version: int, audit: Audit | None
+    state: StageState, model: str, stage: str, version: int, audit: Audit | None, expected: Expected = ANY
 ) -> tuple[StageState | None, StageChange]:
-    """The state after promoting ``version`` (None: it is already there) and the change to record."""
+    """The state after promoting ``version`` (None: it is already there) and the change to record.
+
+    ``expected`` is checked here, on the state the backend's conditional write is based on, so a
+    promotion that another one overtook is refused instead of replacing a version nobody gated
+    against. A retry of a promotion that landed finds its version there and changes nothing.
+    """
     current = state.current
     moved = change(model, stage, "promote", version, current, audit)
     if current == version:
         return None, moved
+    if expected is not ANY and current != expected:
+        raise StaleBaseline(model, stage, version, expected, current)
     return StageState([*state.stack, version], [*state.log, moved]), moved
 
 
@@ -116,12 +133,18 @@ class StageMoves:
         raise NotImplementedError
 
     def promote(
-        self, model: str, version: int, stage: str, reason: str = "", audit: Audit | None = None
+        self,
+        model: str,
+        version: int,
+        stage: str,
+        reason: str = "",
+        audit: Audit | None = None,
+        expected: Expected = ANY,
     ) -> StageChange:
         check_stage(stage)
         self.get(model, version)
         given = with_reason(audit, reason)
-        return self._move(model, stage, lambda state: promoted(state, model, stage, version, given))
+        return self._move(model, stage, lambda state: promoted(state, model, stage, version, given, expected))
 
     def rollback(self, model: str, stage: str, audit: Audit | None = None) -> StageChange:
         check_stage(stage)

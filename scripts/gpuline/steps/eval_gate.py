@@ -47,7 +47,14 @@ def eval_gate(ctx: Context) -> GateResult:
         report_path = ctx.workdir(record.run_id) / "eval-report.md"
         report_path.write_text(gate_report(record.run_id, verdicts, base_label))
         result = GateResult(run_id=record.run_id, verdicts=verdicts, baseline=base_label, report_path=str(report_path))
-        ctx.event("gates.evaluated", passed=result.passed, verdicts=[v.model_dump() for v in verdicts])
+        # Which version the verdicts are about: promote moves the stage only while it still holds it.
+        ctx.event(
+            "gates.evaluated",
+            passed=result.passed,
+            verdicts=[v.model_dump() for v in verdicts],
+            baseline_stage=spec.eval.baseline,
+            baseline_version=baseline_version.version if baseline_version else None,
+        )
         if not result.passed:
             failed = [f"{v.gate}: {v.detail}" for v in verdicts if not v.passed]
             refusal = GateFailed(

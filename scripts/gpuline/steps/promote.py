@@ -2,6 +2,11 @@
 
 The stage change is audited in the registry's history: who (``GITHUB_ACTOR`` or the local user),
 when, why (the gate verdicts), the run and the workflow run.
+
+Gate and promote are atomic with respect to the baseline: eval-gate records which version of the
+baseline stage it compared with, and promoting into that stage is a compare-and-set on it, so of
+several releases gated against the same version only the first moves the stage; the others are
+refused and gated again against the version that replaced it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from gpuline import deploy, evaluation
 from gpuline.context import Context
 from gpuline.errors import GpulineError, RefusedError
 from gpuline.registry import audit
-from gpuline.registry.base import ModelVersion, StageChange
+from gpuline.registry.base import ANY, Expected, ModelRegistry, ModelVersion, StageChange, StaleBaseline
 from gpuline.results import PromoteResult
 from gpuline.runs import RunRecord, model_prefix
 from gpuline.spec import Spec
@@ -38,6 +43,7 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
                 hint="run `gpuline eval-gate` first; only a run whose gates pass can be promoted",
             )
         registry = ctx.registry
+        expected = _expected(ctx, record, registry, stage)
         version = registry.register(
             spec.model.name,
             _portable(ctx, ctx.storage.uri_for(model_prefix(record.run_id))),
@@ -47,7 +53,10 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
             params=_params(spec, record),
         )
         why = audit.for_promotion(record.run_id, record.gates, record.lineage.workflow_run_url)
-        change = registry.promote(spec.model.name, version.version, stage, audit=why)
+        try:
+            change = registry.promote(spec.model.name, version.version, stage, audit=why, expected=expected)
+        except StaleBaseline as moved:
+            raise _regate(record, moved) from None
 
         def keep(r: RunRecord) -> None:
             r.promoted_version, r.promoted_stage = version.version, stage
@@ -67,6 +76,49 @@ def promote(ctx: Context, stage: str | None = None) -> PromoteResult:
         at=change.at.isoformat(timespec="seconds"),
         workflow_run_url=change.workflow_run_url,
         deployed=deploy.applies(ctx, stage),
+    )
+
+
+def _gated_baseline(ctx: Context, record: RunRecord) -> tuple[str, int | None] | None:
+    """The baseline stage and the version of it the run's last eval-gate compared with (None: no
+    record of it, as for a run gated before gpuline recorded it)."""
+    for event in reversed(ctx.ledger.events(record.run_id)):
+        if event.kind == "gates.evaluated":
+            stage, version = event.data.get("baseline_stage"), event.data.get("baseline_version")
+            if not isinstance(stage, str) or "baseline_version" not in event.data:
+                return None
+            return (stage, version) if version is None or isinstance(version, int) else None
+    return None
+
+
+def _expected(ctx: Context, record: RunRecord, registry: ModelRegistry, stage: str) -> Expected:
+    """What ``stage`` must hold for this promotion to go ahead (ANY: anything).
+
+    Into the baseline stage itself the check is the registry's compare-and-set; into another stage
+    (nightly to staging, gated against production) the baseline is read once more here, since a
+    verdict against a version that is gone says nothing about the one there now.
+    """
+    gated = _gated_baseline(ctx, record) if ctx.spec.eval.gates else None
+    if gated is None:
+        return ANY
+    base_stage, base_version = gated
+    held = registry.in_stage(ctx.spec.model.name, base_stage)
+    # A retried promote finds its own version there: the first try landed, nothing is stale.
+    if held is not None and held.run_id == record.run_id:
+        return ANY
+    current = held.version if held is not None else None
+    if current != base_version:
+        stale = StaleBaseline(ctx.spec.model.name, base_stage, None, base_version, current)
+        raise _regate(record, stale)
+    return base_version if base_stage == stage else ANY
+
+
+def _regate(record: RunRecord, moved: StaleBaseline) -> RefusedError:
+    """The refusal of a promotion whose baseline moved, saying how to gate this run again."""
+    return RefusedError(
+        moved.message,
+        hint=f"gate run {record.run_id} again against it (`gpuline eval-gate --run-id {record.run_id}`), "
+        f"then promote (`gpuline promote --run-id {record.run_id}`)",
     )
 
 

@@ -1,7 +1,9 @@
-"""Find the dataset, prove it is the one the spec names (sha256), and check its arrays' shapes.
+"""Find the dataset, prove it is the one the spec names (sha256), and check its schema.
 
 The npz check reads only the .npy headers inside the zip, so preflight needs neither numpy nor the
-time to load the data.
+time to load the data; a csv or jsonl schema is checked against the header and a bounded sample of
+rows (:mod:`gpuline.training.tabular`). A schema for a format gpuline cannot read (parquet, other)
+is refused rather than passed unchecked.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.errors import ConfigError, InputError, Location
-from gpuline.spec import Spec
+from gpuline.spec import ArraySchema, Spec
+from gpuline.training import tabular
 
 _NPY_DTYPES = {
     "f2": "float16",
@@ -127,6 +130,8 @@ def check(spec: Spec, path: Path, config_path: Path, line_of: LineOf | None = No
     if spec.dataset.format == "npz":
         arrays = npz_arrays(path)
         _check_schema(spec, arrays, config_path, line_of)
+    elif spec.dataset.schema_:
+        arrays = _check_columns(spec, path, config_path, line_of)
     return DatasetCheck(path=path, sha256=actual, size=size, arrays=arrays)
 
 
@@ -187,3 +192,64 @@ def _check_schema(spec: Spec, arrays: dict[str, dict[str, Any]], config_path: Pa
                 location=Location(config_path, line=line, field=field),
                 hint="fix the schema or the dataset",
             )
+
+
+_COLUMNS: dict[str, Callable[[Path], dict[str, tabular.Column]]] = {
+    "csv": tabular.csv_columns,
+    "jsonl": tabular.jsonl_columns,
+}
+
+
+def _check_columns(spec: Spec, path: Path, config_path: Path, line_of: LineOf | None) -> dict[str, dict[str, Any]]:
+    """The schema's columns as sampled, when each matches; a ConfigError at the first that does not."""
+    fmt = spec.dataset.format
+    read = _COLUMNS.get(fmt)
+    if read is None:
+        raise ConfigError(
+            f"dataset.schema cannot be checked for a {fmt} dataset (gpuline reads npz, csv and jsonl)",
+            location=_where(config_path, line_of, "dataset", "schema"),
+            hint="remove dataset.schema, or set dataset.format to the npz, csv or jsonl the file is",
+        )
+    try:
+        columns = read(path)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path.name} is not a readable {fmt} file: {exc}", hint="regenerate the dataset") from None
+    found: dict[str, dict[str, Any]] = {}
+    for name, want in (spec.dataset.schema_ or {}).items():
+        column = columns.get(name)
+        where = _where(config_path, line_of, "dataset", "schema", name)
+        if column is None:
+            shown = ", ".join(sorted(columns)[:20]) or "none"
+            raise ConfigError(
+                f"the dataset has no column {name!r} (it has {shown})",
+                location=where,
+                hint="fix the schema or the dataset",
+            )
+        _check_column(fmt, name, want, column, where)
+        found[name] = {"dtype": column.dtype, "shape": column.shape}
+    return found
+
+
+def _check_column(fmt: str, name: str, want: ArraySchema, column: tabular.Column, where: Location) -> None:
+    readable = tabular.accepts(want.dtype, column)
+    if readable is None:
+        raise ConfigError(
+            f"{want.dtype!r} is not a column type gpuline can check",
+            location=where,
+            hint="use bool, int8 to int64, uint8 to uint64, float16 to float64, or string",
+        )
+    if want.shape[:1] != [-1]:
+        raise ConfigError(
+            f"the rows of a {fmt} dataset are not counted (only a sample is read), "
+            f"so the first dimension of {name!r} must be -1",
+            location=where,
+            hint=f"write shape: {[-1, *want.shape[1:]]}",
+        )
+    got = column.shape
+    shape_ok = len(want.shape) == len(got) and all(w in (-1, g) for w, g in zip(want.shape, got, strict=True))
+    if not readable or not shape_ok:
+        raise ConfigError(
+            f"column {name!r} is {column.dtype}{got} in the first rows, the schema expects {want.dtype}{want.shape}",
+            location=where,
+            hint="fix the schema or the dataset",
+        )

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -123,6 +125,8 @@ class Supervisor:
         self.preemptions = 0
         self.restarts = 0
         self.uploaded: dict[int, CheckpointInfo] = {}
+        # The run's first step, as an earlier supervisor of it saw it (None: none saw one).
+        self.first_step_at: datetime | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -133,6 +137,7 @@ class Supervisor:
             for path in (self.paths.checkpoints, self.paths.output):
                 path.mkdir(parents=True, exist_ok=True)
             checkpoints.clean_temporaries(self.paths.checkpoints)
+            self.first_step_at = _noted_first_step(self.paths.first_step)
             resume = find_resume_point(req, self.paths.checkpoints)
             if resume.step is None:
                 req.log(f"starting run {req.run_id} fresh (no checkpoint to resume from)")
@@ -252,7 +257,7 @@ class Supervisor:
                 req.log(f"trainer did not exit {req.grace_s:.0f}s after SIGTERM; killing it")
                 signal_group(proc.pid, signal.SIGKILL)
                 killed = True
-            tail.poll()
+            self._poll(tail)
             if signalled_at is None:
                 self.stop.event.wait(POLL_S)  # wakes at once when a stop is requested
             else:
@@ -260,9 +265,18 @@ class Supervisor:
         # Ranks that outlived their launcher must not keep writing checkpoints.
         signal_group(proc.pid, signal.SIGKILL)
         reader.join()
-        tail.poll()
+        self._poll(tail)
         self.paths.trainer_pid.unlink(missing_ok=True)
         return exit_code(proc.returncode)
+
+    def _poll(self, tail: MetricsTail) -> None:
+        """Follow the metrics, noting the run's first step the moment it is seen: a supervisor
+        started after this one was killed starts reading after what is already there, and without
+        the note the first train's work would count as time the machine sat idle."""
+        tail.poll()
+        if self.first_step_at is None and tail.first_step_at is not None:
+            self.first_step_at = tail.first_step_at
+            _note_first_step(self.paths.first_step, tail.first_step_at)
 
     def _announce_stop(self) -> None:
         reason, source = self.stop.reason, self.stop.source
@@ -315,13 +329,41 @@ class Supervisor:
             loss_curve=curve,
             preemptions=self.preemptions,
             restarts=self.restarts,
-            first_step_at=tail.first_step_at,
-            last_step_at=tail.last_step_at,
+            first_step_at=self.first_step_at or tail.first_step_at,
+            last_step_at=tail.last_step_at or _last_write(self.paths.metrics, self.first_step_at),
             output_dir=self.paths.output,
             stop_reason=reason,
         )
         self.req.on_event("finished", {"stop_reason": reason, "exit_code": code, "final_step": outcome.final_step})
         return outcome
+
+
+def _note_first_step(path: Path, at: datetime) -> None:
+    # Bookkeeping only: a disk too full for the note must not stop the training it is about.
+    with contextlib.suppress(OSError):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"at": at.isoformat()}))
+        os.replace(tmp, path)
+
+
+def _noted_first_step(path: Path) -> datetime | None:
+    """The note of an earlier supervisor of this run; a missing or unreadable one is no note."""
+    try:
+        at = datetime.fromisoformat(json.loads(path.read_text())["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return at if at.tzinfo is not None else None
+
+
+def _last_write(metrics: Path, first: datetime | None) -> datetime | None:
+    """When the metrics were last written, for a run whose steps were all seen by earlier supervisors
+    (this one resumed at the end and trained no step): the end of the work they saw."""
+    if first is None:
+        return None
+    try:
+        return datetime.fromtimestamp(metrics.stat().st_mtime, UTC)
+    except OSError:
+        return None
 
 
 def supervise(req: TrainRequest) -> TrainOutcome:
