@@ -40,7 +40,8 @@ HANG_S = 120.0  # only ever reached when something is broken: a test fails inste
 
 
 def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    # Microseconds, as RFC 3339 allows: a pod that ran a fraction of a second still ran for > 0 s.
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Pod:
     conditions: list[dict[str, str]] = field(default_factory=list)
     changed: threading.Condition = field(default_factory=threading.Condition)
     reader: threading.Thread | None = None
+    started_at: str = field(default_factory=now)
 
     @property
     def disrupted(self) -> bool:
@@ -120,6 +122,7 @@ class TestKubelet:
         self.failed = 0
         self.result: str | None = None  # "Complete" or "Failed"
         self.reason = ""
+        self.deleted = False  # the Job was deleted: its pods are stopped, none is replaced
 
     # ------------------------------------------------------------ the kubelet
 
@@ -182,7 +185,7 @@ class TestKubelet:
 
     def run(self, on_start: Callable[[Pod], None] | None = None) -> str:
         """Run pods until the Job completes or fails; ``on_start`` sees each new pod (to evict it, say)."""
-        while self.result is None:
+        while self.result is None and not self.deleted:
             pod = self.start_pod()
             if on_start is not None:
                 on_start(pod)
@@ -227,9 +230,9 @@ class TestKubelet:
 
         core = client.CoreV1Api(self.api)
         meta = self.job["metadata"]
-        state: dict[str, Any] = {"running": {"startedAt": now()}}
+        state: dict[str, Any] = {"running": {"startedAt": pod.started_at}}
         if code is not None:
-            state = {"terminated": {"exitCode": code, "finishedAt": now()}}
+            state = {"terminated": {"exitCode": code, "startedAt": pod.started_at, "finishedAt": now()}}
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -274,3 +277,110 @@ class TestKubelet:
             status["conditions"] = [{"type": self.result, "status": "True", "reason": self.reason}]
         meta = self.job["metadata"]
         client.BatchV1Api(self.api).patch_namespaced_job(meta["name"], meta["namespace"], {"status": status})
+
+
+class KubeletDaemon:
+    """The test kubelet in the background: watches the emulator for the Jobs gpuline creates (the
+    official client's watch) and runs each one's pods as :class:`TestKubelet` does, in a thread per
+    Job. A Job deleted while its pod runs has that pod stopped as the garbage collector and the
+    kubelet would: SIGTERM, then SIGKILL after the grace period; nothing replaces it."""
+
+    __test__ = False
+
+    def __init__(
+        self,
+        api: Any,
+        *,
+        images: Mapping[str, Path],
+        root: Path,
+        node_env: Mapping[str, str],
+        namespace: str = "default",
+    ) -> None:
+        self.api, self.images, self.root, self.node_env = api, dict(images), root, dict(node_env)
+        self.namespace = namespace
+        self.kubelets: dict[str, TestKubelet] = {}
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._started = threading.Condition()  # notified as each pod starts
+        self._threads: list[threading.Thread] = []
+        self._watcher = threading.Thread(target=self._watch, name="kubelet-watch", daemon=True)
+
+    def __enter__(self) -> KubeletDaemon:
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for kubelet in list(self.kubelets.values()):
+            kubelet.deleted = True  # leaving the test: what still runs is stopped, and not replaced
+            self._stop_pods(kubelet)
+        self._watcher.join(HANG_S)
+        for thread in self._threads:
+            thread.join(HANG_S)
+
+    def _watch(self) -> None:
+        from kubernetes import client, watch
+        from urllib3.exceptions import HTTPError
+
+        batch = client.BatchV1Api(self.api)
+        while not self._stop.is_set():
+            w = watch.Watch()
+            try:
+                # A short read timeout only so that leaving the test ends this thread; events wake it.
+                for event in w.stream(batch.list_namespaced_job, self.namespace, _request_timeout=1):
+                    self._on_event(event["type"], event["raw_object"])
+                    if self._stop.is_set():
+                        break
+            except HTTPError:
+                continue  # the read timed out: watch again (the emulator replays what exists as ADDED)
+            finally:
+                w.stop()
+
+    def _on_event(self, kind: str, job: dict[str, Any]) -> None:
+        meta = job.get("metadata", {})
+        name = meta.get("name", "")
+        if (meta.get("labels") or {}).get("gpuline/managed") != "true":
+            return
+        if kind == "DELETED" and name in self.kubelets:
+            self.kubelets[name].deleted = True
+            self._stop_pods(self.kubelets[name])
+        elif kind == "ADDED" and name not in self.kubelets:
+            kubelet = TestKubelet(job, images=self.images, root=self.root, node_env=self.node_env, api=self.api)
+            self.kubelets[name] = kubelet
+            thread = threading.Thread(target=self._run, args=(kubelet,), name=f"job-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self, kubelet: TestKubelet) -> None:
+        def started(pod: Pod) -> None:
+            with self._started:
+                self._started.notify_all()
+
+        try:
+            kubelet.run(on_start=started)
+        except Exception as exc:
+            if not kubelet.deleted:  # a deleted Job's status cannot be written any more: expected
+                self.errors.append(exc)
+
+    def wait_for_pod(self) -> Pod:
+        """The first pod of the first Job, once it runs (woken by its start, never a sleep)."""
+
+        def first() -> Pod | None:
+            return next((k.pods[0] for k in list(self.kubelets.values()) if k.pods), None)
+
+        with self._started:
+            if not self._started.wait_for(lambda: first() is not None, HANG_S):
+                raise AssertionError("no pod started: did gpuline create a Job?")
+        pod = first()
+        assert pod is not None
+        return pod
+
+    @staticmethod
+    def _stop_pods(kubelet: TestKubelet) -> None:
+        for pod in kubelet.pods:
+            if pod.process.poll() is None:
+                pod.process.send_signal(signal.SIGTERM)
+                try:
+                    pod.process.wait(pod.grace_s)
+                except subprocess.TimeoutExpired:
+                    pod.process.kill()

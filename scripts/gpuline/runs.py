@@ -59,6 +59,10 @@ class Timestamps(_Record):
     runner_online: datetime | None = None
     first_step: datetime | None = None
     last_step: datetime | None = None
+    pod_running: datetime | None = None
+    """On a cluster: when the workload's first pod started running (the wait before it is queue time)."""
+    pod_finished: datetime | None = None
+    """On a cluster: when its last pod ended."""
     released: datetime | None = None
 
 
@@ -122,6 +126,8 @@ class RunRecord(_Record):
     expires_at: datetime | None = None
     times: Timestamps = Field(default_factory=Timestamps)
     gpu_seconds: float = 0.0
+    pod_seconds: float = 0.0
+    """On a cluster: seconds the workload's pods ran, summed over pods; GPU-seconds and cost come from it."""
     idle_seconds: float = 0.0
     estimated_usd: float | None = None
     estimated_gpu_hours: float | None = None

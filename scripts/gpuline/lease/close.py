@@ -65,13 +65,15 @@ def closing(ledger: Ledger, project_dir: Path, record: RunRecord, now: datetime)
         idle = max(0.0, (record.times.first_step - start).total_seconds()) + max(
             0.0, (now - record.times.last_step).total_seconds()
         )
-    usd = actual_cost(catalog, record.provider, record.instance_type, record.lane, nodes, held) if start else 0.0
+    # On a cluster the pods' own run time is what was used (and charged back), not the lease's span.
+    per_node = record.pod_seconds / nodes if record.pod_seconds > 0 else held
+    usd = actual_cost(catalog, record.provider, record.instance_type, record.lane, nodes, per_node) if start else 0.0
     reached_end = record.stage in FINAL_STEPS.get(record.tier, ())
     stopped_in = step_in_progress(ledger, record.run_id)
 
     def close(r: RunRecord) -> None:
         r.times.released = now
-        r.gpu_seconds = round(held * devices, 3)
+        r.gpu_seconds = round(per_node * devices, 3)
         r.idle_seconds = round(idle * devices, 3)
         r.actual_usd = usd
         if r.status in ("created", "running"):

@@ -17,6 +17,7 @@ from typing import Any
 from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
 from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState
 from gpuline.providers.k8s_errors import as_error, status_of
+from gpuline.providers.k8s_follow import Followed, JobFollower
 from gpuline.providers.k8s_manifests import (
     KubernetesOptions,
     build_manifests,
@@ -88,6 +89,10 @@ class KubernetesProvider:
         from kubernetes import client
 
         return client.BatchV1Api(self.api)
+
+    def batch_api(self) -> Any:
+        """The Jobs API, for following a Job (:mod:`gpuline.providers.k8s_follow`)."""
+        return self._batch()
 
     def _core(self) -> Any:
         from kubernetes import client
@@ -279,13 +284,24 @@ class KubernetesProvider:
             lines += 1
         return lines
 
-    def _log_lines(self, ns: str, pod: str, *, follow: bool) -> Iterator[str]:
+    def pod_log_lines(self, ns: str, pod: str, *, follow: bool) -> Iterator[str]:
+        """A pod's log, line by line (with ``follow``: until its container ends); nothing when the server
+        answers with an API object instead of the log's text (an emulator, a proxy that does not serve logs)."""
+        return self._log_lines(ns, pod, follow=follow, text_only=True)
+
+    def follow(self, instance_id: str, write_log: Callable[[str], None]) -> Followed:
+        """Watch a train-mode Job until it ends, copying pod 0's log to ``write_log``."""
+        return JobFollower(self, instance_id, write_log).follow()
+
+    def _log_lines(self, ns: str, pod: str, *, follow: bool, text_only: bool = False) -> Iterator[str]:
         try:
             response = self._core().read_namespaced_pod_log(pod, ns, follow=follow, _preload_content=False)
         except Exception as exc:
             raise as_error(exc, f"reading the log of pod {ns}/{pod}") from None
         pending = b""
         try:
+            if text_only and "json" in str(response.headers.get("Content-Type", "")):
+                return
             for chunk in response.stream(4096):
                 pending += chunk
                 *complete, pending = pending.split(b"\n")

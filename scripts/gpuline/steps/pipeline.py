@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from gpuline import gha
 from gpuline.context import Context
@@ -119,7 +120,7 @@ def _stop_on_signals(progress: _Progress) -> Iterator[None]:
 
 def run(ctx: Context, args: argparse.Namespace) -> PipelineResult:
     if ctx.tier != "pr-fast":
-        _trains_here(args.provider or ctx.spec.resources.provider)
+        _trains_here(args.provider or ctx.spec.resources.provider, dict(ctx.spec.resources.options))
     done: list[StepResult] = []
     progress = _Progress()
     with bound_to_this_process(), _stop_on_signals(progress):
@@ -127,6 +128,9 @@ def run(ctx: Context, args: argparse.Namespace) -> PipelineResult:
         progress.stopping = True  # teardown runs to its end whatever arrives now
         failure = _teardown(ctx, args, done, failure)
     if failure is not None:
+        if isinstance(failure, GpulineError) and failure.result is None:
+            # What the run did before it failed goes out with the error (--json: its id, verdicts, decision).
+            failure.result = PipelineResult(tier=ctx.tier, run_id=ctx.run_id, steps=done)
         raise failure
     result = PipelineResult(tier=ctx.tier, run_id=ctx.run_id, steps=done)
     promoted = result.promoted
@@ -186,16 +190,19 @@ def _teardown(
     return failure
 
 
-def _trains_here(provider: str) -> None:
+def _trains_here(provider: str, options: dict[str, Any]) -> None:
     """`gpuline run` trains in this process, on this machine: a machine bought elsewhere would train
-    nothing and be paid for all the same, so only the local provider runs here."""
+    nothing and be paid for all the same, so only the local provider runs here, and Kubernetes in
+    train mode, where the cluster trains and this process follows the Job until it ends."""
     name = PROVIDERS.canonical(provider)
+    if name == "kubernetes" and str(options.get("mode", "train")) == "train":
+        return
     if name != "local":
         raise InputError(
             f"`gpuline run` trains on this machine, so with provider {name} it would pay for a machine "
             "that trains nothing",
             hint="run the nightly or release workflow (its train job runs on the machine provision starts), "
-            "or pass --provider local",
+            "or pass --provider local, or use provider kubernetes in train mode (the cluster trains)",
         )
 
 

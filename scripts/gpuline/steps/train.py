@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from gpuline import gha
 from gpuline.context import Context
@@ -15,6 +20,9 @@ from gpuline.stage import recorded
 from gpuline.storage import bundle
 from gpuline.training import TrainOutcome, TrainRequest, dataset, entry_command, supervise
 
+if TYPE_CHECKING:
+    from gpuline.providers.k8s_follow import Followed
+
 
 def run(ctx: Context, args: argparse.Namespace) -> TrainResult:
     return train(ctx)
@@ -24,10 +32,17 @@ def train(ctx: Context) -> TrainResult:
     record = ctx.require_run()
     spec = ctx.spec
     with recorded(ctx, "train"):
-        outcome = supervise(_request(ctx, record, spec))
-        model = bundle.upload(ctx.storage, outcome.output_dir, model_prefix(record.run_id))
-        artifacts = model.uris if model else []
-        record = _keep_outcome(ctx, record, outcome, model.manifest_sha256 if model else "")
+        failure: GpulineError | None = None
+        if on_cluster(record):
+            # The cluster trains (the pods run the supervisor); this process follows the Job.
+            outcome, model_sha256, failure, record = _train_on_cluster(ctx, record, spec)
+            artifacts = [model_prefix(record.run_id)] if model_sha256 else []
+        else:
+            outcome = supervise(_request(ctx, record, spec))
+            model = bundle.upload(ctx.storage, outcome.output_dir, model_prefix(record.run_id))
+            artifacts = model.uris if model else []
+            model_sha256 = model.manifest_sha256 if model else ""
+        record = _keep_outcome(ctx, record, outcome, model_sha256)
         ctx.event(
             "train.outcome",
             exit_code=outcome.exit_code,
@@ -47,10 +62,92 @@ def train(ctx: Context) -> TrainResult:
             eval_metrics=dict(outcome.eval_metrics),
             loss_curve=list(outcome.loss_curve),
         )
-        failure = _failure(spec, record, outcome)
+        failure = failure or (None if on_cluster(record) else _failure(spec, record, outcome))
         if failure is not None:
             raise failure.with_result(result)
     return result
+
+
+def on_cluster(record: RunRecord) -> bool:
+    """Whether the run's lease is a Kubernetes Job that trains (train mode), rather than a machine
+    this process trains on (a local lease, or a runner-mode pod whose runner runs `gpuline train`)."""
+    if record.provider != "kubernetes":
+        return False
+    options = record.resolved_config.get("resources", {}).get("options", {}) or {}
+    return str(options.get("mode", "train")) == "train"
+
+
+def _train_on_cluster(
+    ctx: Context, record: RunRecord, spec: Spec
+) -> tuple[TrainOutcome, str, GpulineError | None, RunRecord]:
+    from gpuline.providers.kubernetes import KubernetesProvider
+    from gpuline.training import remote
+
+    if not record.instance_id:
+        raise InfraError(
+            f"run {record.run_id} has no Kubernetes Job to follow",
+            hint="provision first (`gpuline provision`), or run the tier with `gpuline run`",
+        )
+    options = record.resolved_config.get("resources", {}).get("options", {}) or {}
+    provider = KubernetesProvider(ctx.project_dir, options)
+    instance_id = record.instance_id
+    try:
+        with _stop_raises(instance_id):
+            gha.info(f"training on the cluster: following {instance_id} until it ends")
+            followed = provider.follow(instance_id, gha.info)
+    except BaseException:
+        # Cancelled: stop the workload now (its pods get SIGTERM and save); teardown deletes it again.
+        with contextlib.suppress(Exception):
+            provider.release(instance_id)
+            ctx.event("train.workload_deleted", instance_id=instance_id)
+        raise
+    record = _keep_pods(ctx, record, followed)
+    read = remote.read_outcome(ctx.storage, record.run_id, followed, ctx.workdir(record.run_id) / "output")
+    failure = remote.failure(read, followed, record.run_id, spec.checkpoint.max_restarts)
+    return read.outcome, read.model_sha256, failure, record
+
+
+@contextlib.contextmanager
+def _stop_raises(instance_id: str) -> Iterator[None]:
+    """SIGTERM to a `gpuline train` that follows a Job raises where it waits, so the Job is deleted.
+    Under `gpuline run` the pipeline's own handler does that already, and is left alone."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise InfraError(
+            f"`gpuline train` was stopped by {signal.Signals(signum).name}; the Job {instance_id} was deleted",
+            hint="its pods saved a final checkpoint; teardown releases the lease, and a new run resumes from it",
+        )
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _keep_pods(ctx: Context, record: RunRecord, followed: Followed) -> RunRecord:
+    """The pods' times in the run record: the GPU-seconds and the cost at teardown come from them."""
+
+    def keep(r: RunRecord) -> None:
+        r.times.pod_running = r.times.pod_running or followed.first_running
+        r.times.pod_finished = followed.finished or r.times.pod_finished
+        r.times.runner_online = r.times.runner_online or followed.first_running
+        r.pod_seconds = round(r.pod_seconds + followed.pod_seconds, 3)
+
+    ctx.event(
+        "train.workload",
+        end=followed.end,
+        reason=followed.reason,
+        pods=[{"name": p.name, "exit_code": p.exit_code, "disrupted": p.disrupted, "seconds": p.seconds}
+              for p in followed.pods],
+    )  # fmt: skip
+    return ctx.ledger.update_run(record.run_id, keep)
 
 
 def _request(ctx: Context, record: RunRecord, spec: Spec) -> TrainRequest:

@@ -1,0 +1,239 @@
+"""Following a train-mode Job until it ends: the official client's watch on the Job, with the pods
+read back at each change, so the pipeline knows when the pods ran, how often one was replaced, and
+how the workload ended.
+
+The watch is the usual list-then-watch: a list gives the Job's state and a resource version, the
+watch streams from it, and when the stream ends (the server's timeout, a dropped connection, a read
+timeout with nothing to say, or ``410 Gone`` when the version expired) the loop lists again and
+watches from the new version. Nothing sleeps: each turn waits on the API for the next change.
+
+Pod 0's log (the pod that commits checkpoints) is copied to the job log as it is written, best
+effort: a cluster that does not serve logs (or a pod gone before it is read) only loses those lines.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from gpuline.errors import ConfigError
+from gpuline.providers.k8s_errors import as_error, status_of
+from gpuline.providers.k8s_objects import completion_index, parse_id
+
+if TYPE_CHECKING:
+    from gpuline.providers.kubernetes import KubernetesProvider
+
+WATCH_S = 60  # asked of the server per watch; it ends the stream then and the loop watches again
+READ_SLACK_S = 15  # on top, for the client: a server that ignores the timeout still gets the stream cut
+DISRUPTION = "DisruptionTarget"
+
+End = Literal["Complete", "Failed", "Deleted"]
+
+
+@dataclass
+class PodRun:
+    """One pod of the workload as its status last said."""
+
+    name: str
+    index: int
+    started: datetime | None = None
+    finished: datetime | None = None
+    exit_code: int | None = None
+    disrupted: bool = False
+    restarts: int = 0  # container restarts inside the pod (restartPolicy Never keeps this 0)
+
+    @property
+    def seconds(self) -> float:
+        if self.started is None or self.finished is None:
+            return 0.0
+        return max(0.0, (self.finished - self.started).total_seconds())
+
+
+@dataclass
+class Followed:
+    """How the workload ended and what its pods did."""
+
+    end: End
+    reason: str = ""
+    message: str = ""
+    pods: list[PodRun] = field(default_factory=list)
+
+    @property
+    def first_running(self) -> datetime | None:
+        started = [p.started for p in self.pods if p.started is not None]
+        return min(started) if started else None
+
+    @property
+    def finished(self) -> datetime | None:
+        ended = [p.finished for p in self.pods if p.finished is not None]
+        return max(ended) if ended else None
+
+    @property
+    def pod_seconds(self) -> float:
+        """Seconds the pods ran, summed: what the cluster gave this run (times GPUs per pod is its GPU time)."""
+        return sum(p.seconds for p in self.pods)
+
+    @property
+    def preemptions(self) -> int:
+        """Pods the cluster disrupted (evicted, reclaimed), each replaced by the Job unless it ran out of tries."""
+        return sum(1 for p in self.pods if p.disrupted)
+
+    @property
+    def restarts(self) -> int:
+        """Pods replaced for another reason than a disruption (those are preemptions), plus container
+        restarts inside a pod: what a local run counts as restarts after a failure."""
+        replaced = max(0, len(self.pods) - 1)
+        disrupted_then_replaced = sum(1 for p in self.pods[:-1] if p.disrupted)
+        return replaced - disrupted_then_replaced + sum(p.restarts for p in self.pods)
+
+    def last_exit_code(self) -> int | None:
+        codes = [p.exit_code for p in self.pods if p.exit_code is not None]
+        return codes[-1] if codes else None
+
+
+def _when(raw: Any) -> datetime | None:
+    if isinstance(raw, datetime):
+        return raw
+    if not raw:
+        return None
+    try:
+        return datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def pod_run(pod: dict[str, Any]) -> PodRun:
+    meta, status = pod.get("metadata", {}), pod.get("status") or {}
+    run = PodRun(name=meta.get("name", ""), index=completion_index(pod))
+    run.disrupted = any(
+        c.get("type") == DISRUPTION and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    for container in status.get("containerStatuses") or []:
+        run.restarts += int(container.get("restartCount") or 0)
+        state = container.get("state") or {}
+        running, ended = state.get("running") or {}, state.get("terminated") or {}
+        run.started = _when(running.get("startedAt") or ended.get("startedAt")) or run.started
+        if ended:
+            run.finished = _when(ended.get("finishedAt"))
+            run.exit_code = ended.get("exitCode")
+    return run
+
+
+def job_end(job: dict[str, Any]) -> tuple[End, str, str] | None:
+    """The Job's terminal condition (Complete, Failed) with its reason and message; None while it runs."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        kind = condition.get("type")
+        if kind in ("Complete", "Failed") and condition.get("status") == "True":
+            return kind, condition.get("reason") or "", condition.get("message") or ""
+    return None
+
+
+class JobFollower:
+    """Watches one Job of the provider until it ends; see the module's docstring."""
+
+    def __init__(self, provider: KubernetesProvider, instance_id: str, write_log: Callable[[str], None]) -> None:
+        kind, self.namespace, self.name = parse_id(instance_id)
+        if kind != "job":
+            raise ConfigError(
+                f"gpuline follows a train-mode Job, not a {kind} ({instance_id})",
+                hint="multi-node training on the cluster is not followed yet; use a single-node spec",
+            )
+        self.provider = provider
+        self.instance_id = instance_id
+        self.write_log = write_log
+        self.pods: dict[str, PodRun] = {}
+        self._logged: set[str] = set()
+        self._threads: list[threading.Thread] = []
+
+    def follow(self) -> Followed:
+        while True:
+            job, version = self._list()
+            if job is None:
+                return self._ended("Deleted", "", "the Job was deleted before it ended")
+            ended = self._seen(job)
+            if ended is None:
+                ended = self._watch(version)
+            if ended is not None:
+                return ended
+
+    # ------------------------------------------------------------ list, then watch
+
+    def _list(self) -> tuple[dict[str, Any] | None, str | None]:
+        api = self.provider.api
+        try:
+            listing = self.provider.batch_api().list_namespaced_job(self.namespace)
+        except Exception as exc:
+            raise as_error(exc, f"listing Jobs in {self.namespace}") from None
+        version = listing.metadata.resource_version if listing.metadata else None
+        for item in listing.items:
+            if item.metadata and item.metadata.name == self.name:
+                job: dict[str, Any] = api.sanitize_for_serialization(item)
+                return job, version
+        return None, version
+
+    def _watch(self, version: str | None) -> Followed | None:
+        """Stream the Job's changes from ``version``; None when the stream ended first (list again)."""
+        from kubernetes import watch
+        from urllib3.exceptions import HTTPError
+
+        # The client's watch module is unannotated (kubernetes 36/37): held as Any.
+        watching: Any = watch
+        w = watching.Watch()
+        kwargs: dict[str, Any] = {"timeout_seconds": WATCH_S, "_request_timeout": WATCH_S + READ_SLACK_S}
+        if version and version.isdigit():  # an emulator's placeholder version would only confuse a watch
+            kwargs["resource_version"] = version
+        try:
+            for event in w.stream(self.provider.batch_api().list_namespaced_job, self.namespace, **kwargs):
+                raw = event.get("raw_object") or {}
+                if raw.get("metadata", {}).get("name") != self.name:
+                    continue
+                if event.get("type") == "DELETED":
+                    return self._ended("Deleted", "", "the Job was deleted before it ended")
+                ended = self._seen(raw)
+                if ended is not None:
+                    return ended
+        except HTTPError:
+            return None  # the connection dropped or went quiet past the read timeout: reconnect
+        except Exception as exc:
+            if status_of(exc) == 410:
+                return None  # the version expired: list again for a fresh one
+            raise as_error(exc, f"watching Job {self.namespace}/{self.name}") from None
+        finally:
+            w.stop()
+        return None
+
+    def _seen(self, job: dict[str, Any]) -> Followed | None:
+        self._refresh_pods()
+        end = job_end(job)
+        if end is None:
+            return None
+        return self._ended(*end)
+
+    def _ended(self, end: End, reason: str, message: str) -> Followed:
+        self._refresh_pods()
+        for thread in self._threads:
+            thread.join(READ_SLACK_S)  # the log of a pod that ended is read to its end, or given up on
+        pods = sorted(self.pods.values(), key=lambda p: (p.started is None, p.started or datetime.min, p.name))
+        return Followed(end=end, reason=reason, message=message, pods=pods)
+
+    # ------------------------------------------------------------ pods and pod 0's log
+
+    def _refresh_pods(self) -> None:
+        for pod in self.provider.pods(self.instance_id):
+            run = pod_run(pod)
+            self.pods[run.name] = run
+            if run.index == 0 and run.started is not None and run.name not in self._logged:
+                self._logged.add(run.name)
+                thread = threading.Thread(target=self._copy_log, args=(run.name,), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _copy_log(self, pod: str) -> None:
+        try:
+            for line in self.provider.pod_log_lines(self.namespace, pod, follow=True):
+                self.write_log(line)
+        except Exception:  # best effort: a log the API does not serve is only missing lines
+            return
