@@ -282,11 +282,35 @@ def test_sigkill_at_any_stage_then_reap_leaves_nothing_running(
     hooks.update({"CHAOS_TRAIN_MARKER": str(marker)} if stage == "train" else {"GPULINE_TEST_PAUSE_AT": stage})
     workflow = NightlyRun(project, tmp_path / "steps", github, hooks)
 
-    run_id = workflow.step("preflight", "--tier", "nightly")["run-id"]
-    workflow.step("cost-estimate", "--run-id", run_id)
+    with contextlib.ExitStack() as cluster:
+        if provider == "kubernetes" and stage in ("train", "release"):
+            # On a cluster the pod trains and `gpuline train` follows the Job: a kubelet runs the pods.
+            # (Killed in provision, the Job's pod never started: no kubelet, as for a machine booting.)
+            announce = {"CHAOS_TRAIN_MARKER": str(marker)} if stage == "train" else {}
+            cluster.enter_context(node_for(cloud.k8s, project, tmp_path / "node", **announce))
+        run_id = workflow.step("preflight", "--tier", "nightly")["run-id"]
+        workflow.step("cost-estimate", "--run-id", run_id)
+        for step in STEPS[: STEPS.index(KILLED_IN[stage])]:
+            workflow.step(step, "--run-id", run_id)
+        _kill_and_reap(workflow, cloud, project, github, run_id, marker, stage)
+
+
+def node_for(k8s: K8sEmulator, project: Path, root: Path, **node_env: str) -> Any:
+    """The test kubelet in the background, running the pods of the Jobs gpuline creates from ``project``."""
+    from kubernetes import config
+
+    from kubelet import KubeletDaemon
+
+    api = config.new_client_from_config(config_file=str(k8s.kubeconfig))
+    return KubeletDaemon(api, images={"registry.example/train:1": project}, root=root,
+                         node_env={"GPULINE_IMDS_ENDPOINT": "off", **node_env})  # fmt: skip
+
+
+def _kill_and_reap(
+    workflow: NightlyRun, cloud: Cloud, project: Path, github: WorkflowRunAPI, run_id: str, marker: Path, stage: str
+) -> None:
+    provider = cloud.provider
     killed_in = KILLED_IN[stage]
-    for step in STEPS[: STEPS.index(killed_in)]:
-        workflow.step(step, "--run-id", run_id)
     proc, log = workflow.start(killed_in, "--run-id", run_id)
     try:
         assert wait_for(marker, proc, killed_in, log) == stage

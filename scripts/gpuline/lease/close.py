@@ -112,12 +112,15 @@ def step_in_progress(ledger: Ledger, run_id: str) -> str | None:
 
 
 def close_run(ledger: Ledger, project_dir: Path, lease: LeaseRecord, now: datetime, reason: str) -> bool:
-    """Finish what teardown would have: release the lease, close the run at its cost, settle its quota."""
-    released = ledger.release_lease(lease.lease_id, now)
+    """Finish what teardown would have: release the machine and the lease, close the run at its cost,
+    settle its quota. The machine first: one that finished on its own (a completed Kubernetes Job)
+    is not among the live machines the sweep ends, but its object must go as teardown's would."""
     try:
         record = ledger.get_run(lease.run_id)
     except NotFoundError:
-        return released
+        return ledger.release_lease(lease.lease_id, now)
+    release_machine(project_dir, record)
+    ledger.release_lease(lease.lease_id, now)
     close_open_run(ledger, project_dir, record, now, reason, lease_id=lease.lease_id)
     return True
 
