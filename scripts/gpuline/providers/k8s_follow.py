@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from gpuline.errors import ConfigError
 from gpuline.providers.k8s_errors import as_error, status_of
-from gpuline.providers.k8s_objects import completion_index, parse_id
+from gpuline.providers.k8s_objects import completion_index, parse_id, parse_time
 
 if TYPE_CHECKING:
     from gpuline.providers.kubernetes import KubernetesProvider
@@ -95,14 +95,7 @@ class Followed:
 
 
 def _when(raw: Any) -> datetime | None:
-    if isinstance(raw, datetime):
-        return raw
-    if not raw:
-        return None
-    try:
-        return datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    except ValueError:
-        return None
+    return parse_time(raw)
 
 
 def pod_run(pod: dict[str, Any]) -> PodRun:

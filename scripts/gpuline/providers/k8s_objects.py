@@ -23,7 +23,13 @@ def is_ours(obj: dict[str, Any]) -> bool:
 
 
 def launched_at(meta: dict[str, Any], annotations: dict[str, str]) -> datetime | None:
-    raw = annotations.get(label_key("created-at")) or meta.get("creationTimestamp")
+    return parse_time(annotations.get(label_key("created-at")) or meta.get("creationTimestamp"))
+
+
+def parse_time(raw: Any) -> datetime | None:
+    """A Kubernetes timestamp (RFC 3339 text, or a datetime from the client); None when absent or unreadable."""
+    if isinstance(raw, datetime):
+        return raw
     if not raw:
         return None
     try:
