@@ -296,7 +296,7 @@ class Act:
         platforms: Sequence[str] = DEFAULT_PLATFORMS,
         host_env: dict[str, str] | None = None,
         verbose: bool = False,
-        timeout: int = 540,
+        timeout: int = 1200,  # a hang guard only: a loaded 2-core machine runs a tier for minutes
     ) -> ActResult:
         argv, environ, cache = self._command(
             event, workflow, event_file=event_file, job=job, env=env, secrets=secrets, variables=variables,

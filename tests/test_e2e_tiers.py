@@ -97,7 +97,7 @@ class Consumer:
 
         return open_ledger(f"dynamodb://{TABLE}", self.repo)
 
-    def run(self, caller: str, github: FakeGitHub, *, verbose: bool = False, timeout: int = 300) -> ActResult:
+    def run(self, caller: str, github: FakeGitHub, *, verbose: bool = False, timeout: int = 1500) -> ActResult:
         """One workflow run of the caller ``gpuline-<caller>``, started as its own trigger would."""
         started = time.monotonic()
         result = self.act.run(
@@ -292,7 +292,7 @@ def cancelled_nightly(
 
     def end_after_provision() -> None:
         try:
-            process.wait_for(r"/provision GPU\s*\]\s+🏁  Job succeeded", timeout=300)
+            process.wait_for(r"/provision GPU\s*\]\s+🏁  Job succeeded", timeout=900)
         except AssertionError:
             pass  # the test says what happened, from the log
         finally:
