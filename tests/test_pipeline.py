@@ -92,6 +92,11 @@ def test_status_shows_lineage_and_gpu_seconds(example: Path, nightly: dict[str, 
     assert len(lineage["dataset_sha256"]) == 64
     assert lineage["commit"] == COMMIT
     assert record["gpu_seconds"] > 0
+    # Every paid GPU-second is in one phase; the steps, the saves and eval.command each have theirs.
+    phases = record["phase_gpu_seconds"]
+    assert abs(sum(phases.values()) - record["gpu_seconds"]) <= 0.01 * record["gpu_seconds"]
+    assert min(phases["train"], phases["checkpoint"], phases["eval"]) > 0
+    assert record["idle_seconds"] == phases["idle"] and record["cost_source"] == "catalog estimate"
     assert record["times"]["provisioned"] and record["times"]["first_step"] and record["times"]["released"]
     assert record["promoted_version"] == 1
     assert all(g["passed"] for g in record["gates"])
@@ -129,7 +134,11 @@ def test_sigkilled_train_resumes_from_the_newest_checkpoint(example: Path) -> No
     resumed = as_json(again)["resumed_from"]
     assert resumed is not None and resumed > 0
     assert f"from checkpoint step {resumed}" in again.stderr
-    gpuline(example, "teardown", "--run-id", run_id)
+    down = as_json(gpuline(example, "teardown", "--run-id", run_id, "--json"))
+    # The killed supervisor reported no intervals (its seconds count as idle); still every paid
+    # second is in exactly one phase, and the resumed train's steps are in train.
+    assert abs(sum(down["phase_gpu_seconds"].values()) - down["gpu_seconds"]) <= 0.01 * down["gpu_seconds"]
+    assert down["phase_gpu_seconds"]["train"] > 0
 
 
 def test_bad_dataset_hash_fails_preflight_and_provisions_nothing(example: Path, tmp_path: Path) -> None:

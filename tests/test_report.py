@@ -29,12 +29,17 @@ def record(
     promoted: bool = False,
     preemptions: int = 0,
     estimated: float | None = 1.2,
+    useful_s: float | None = None,
+    estimated_gpu_hours: float | None = None,
 ) -> RunRecord:
     r = RunRecord(run_id=run_id, model="tiny", team=team, tier="nightly")
     r.created_at = MONDAY + timedelta(days=day)
     r.status = status  # type: ignore[assignment]
     r.gpu_seconds, r.actual_usd, r.idle_seconds, r.preemptions = gpu_s, usd, idle_s, preemptions
     r.estimated_usd = estimated
+    r.estimated_gpu_hours = estimated_gpu_hours
+    if useful_s is not None:  # the run measured its phases: useful (train) and the rest (setup, idle)
+        r.phase_gpu_seconds = {"train": useful_s, "setup": gpu_s - useful_s - idle_s, "idle": idle_s}
     r.times.provisioned = r.created_at if provisioned else None
     r.promoted_version = 1 if promoted else None
     return r
@@ -42,9 +47,9 @@ def record(
 
 def test_runs_are_summed_per_team_and_week() -> None:
     records = [
-        record("a", promoted=True, idle_s=600, preemptions=1),
-        record("b", usd=3.0, gpu_s=7200, promoted=True),
-        record("c", status="refused", provisioned=False, gpu_s=0, usd=None),
+        record("a", promoted=True, idle_s=600, preemptions=1, useful_s=2400),
+        record("b", usd=3.0, gpu_s=7200, promoted=True),  # closed before runs kept their phases
+        record("c", status="refused", provisioned=False, gpu_s=0, usd=None, estimated_gpu_hours=0.8),
         record("d", status="failed", usd=0.5, gpu_s=1800),
         record("e", team="nlp", usd=2.0),
         record("f", day=7, usd=9.0),  # the next week
@@ -58,18 +63,23 @@ def test_runs_are_summed_per_team_and_week() -> None:
     assert vision.usd_per_promotion == pytest.approx(2.25)  # failed runs count in the cost of what shipped
     assert vision.idle_gpu_seconds == 600 and vision.idle_share == pytest.approx(600 / (3.5 * 3600), abs=1e-4)
     assert vision.preemptions == 1
+    # Useful over paid counts only the runs that measured their phases; a refusal saved its estimate.
+    assert vision.useful_gpu_hours == pytest.approx(2400 / 3600) and vision.measured_gpu_hours == pytest.approx(1.0)
+    assert vision.useful_share == pytest.approx(2400 / 3600, abs=1e-4)
+    assert vision.saved_gpu_hours == pytest.approx(0.8)
     assert rows[0].usd_per_promotion is None  # nothing promoted: no cost per promotion
 
 
 def test_a_refusal_after_the_machine_started_is_not_counted_as_saved() -> None:
-    rows = weekly([record("late", status="refused", provisioned=True)], ["2026-W47"])
-    assert rows[0].refused_before_gpu == 0
+    rows = weekly([record("late", status="refused", provisioned=True, estimated_gpu_hours=0.5)], ["2026-W47"])
+    assert rows[0].refused_before_gpu == 0 and rows[0].saved_gpu_hours == 0
 
 
 def test_the_markdown_has_a_table_and_a_cost_chart() -> None:
-    records = [record("run-aaaa", usd=1.0), record("run-bbbb", day=1, usd=2.5)]
+    records = [record("run-aaaa", usd=1.0, useful_s=1800), record("run-bbbb", day=1, usd=2.5)]
     text = render(weekly(records, ["2026-W47"]), records)
-    assert "| vision | 2026-W47 | 2 | 2.00 | $3.50 | $2.40 | 0 (0%) | 0 | 0 | 0 | — |" in text
+    row = "| vision | 2026-W47 | 2 | 2.00 | 0.50 / 1.00 (50%) | $3.50 | $2.40 | 0 (0%) | 0 | 0 | 0.00 | 0 | — |"
+    assert row in text
     assert "```mermaid\nxychart-beta" in text
     assert 'x-axis ["11-16 aaaa", "11-17 bbbb"]' in text
     assert "bar [1.00, 2.50]" in text and "line [1.20, 1.20]" in text

@@ -254,7 +254,12 @@ class TeardownResult(StepResult):
             "lease_released": self.lease_released,
             "runners_deleted": self.runners_deleted,
             "gpu_seconds": r.gpu_seconds,
+            "phase_gpu_seconds": r.phase_gpu_seconds,
+            "phase_seconds": r.phase_seconds,
+            "queue_seconds": r.queue_seconds,
             "actual_usd": r.actual_usd,
+            "billed_seconds": r.billed_seconds,
+            "cost_source": r.cost_source,
             "quota": self.quota,
             "already_torn_down": not self.first_time,
         }

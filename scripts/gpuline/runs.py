@@ -13,7 +13,10 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpuline.phases import Phase
+
 RunStatus = Literal["created", "running", "succeeded", "failed", "refused"]
+CostSource = Literal["provider", "catalog estimate"]
 
 
 def utcnow() -> datetime:
@@ -59,6 +62,8 @@ class Timestamps(_Record):
     runner_online: datetime | None = None
     first_step: datetime | None = None
     last_step: datetime | None = None
+    admitted: datetime | None = None
+    """On a cluster with a queue (Kueue): when the workload was admitted; the wait before is queue time."""
     pod_running: datetime | None = None
     """On a cluster: when the workload's first pod started running (the wait before it is queue time)."""
     pod_finished: datetime | None = None
@@ -129,6 +134,20 @@ class RunRecord(_Record):
     pod_seconds: float = 0.0
     """On a cluster: seconds the workload's pods ran, summed over pods; GPU-seconds and cost come from it."""
     idle_seconds: float = 0.0
+    """The idle phase's GPU-seconds (``phases["idle"]``): paid for while nothing ran."""
+    phase_seconds: dict[Phase, float] = Field(default_factory=dict)
+    """Paid seconds of the lease per phase (:mod:`gpuline.phases`), per node: what an estimate of the
+    phase compares with. Stamped at close; empty on a run not closed yet (or closed before phases)."""
+    phase_gpu_seconds: dict[Phase, float] = Field(default_factory=dict)
+    """The same in GPU-seconds (times the devices per node): they add up to ``gpu_seconds``."""
+    queue_seconds: float = 0.0
+    """Seconds a cluster's workload waited to run, never paid: Kueue's admission wait when it was
+    measured, else the Job's creation to its first pod running (stamped at close)."""
+    billed_seconds: float | None = None
+    """Seconds per node the provider bills, after its increment and minimum (60 s on EC2, say)."""
+    cost_source: CostSource | None = None
+    """Where ``actual_usd``'s seconds come from: the provider's own times (EC2's launch and
+    termination, the pods' start and finish), or the lease as gpuline held it ("catalog estimate")."""
     estimated_usd: float | None = None
     estimated_gpu_hours: float | None = None
     estimated_seconds: float | None = None

@@ -18,13 +18,15 @@ The request itself is built in :mod:`gpuline.providers.ec2_launch`; errors are r
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpuline.adaptors import aws
 from gpuline.errors import ConfigError, GpulineError, NotFoundError
 from gpuline.providers.base import TAG_MANAGED, LeaseRequest, Machine, MachineState
+from gpuline.providers.billing import BilledSpan
 from gpuline.providers.ec2_errors import NOT_FOUND_CODES, as_error, classify
 from gpuline.providers.ec2_faults import FAULTS_ENV, Launch, with_injected_faults
 from gpuline.providers.ec2_launch import Ec2Options, base_params, candidates, image_for, params_for
@@ -35,7 +37,7 @@ from gpuline.providers.testhooks import pause_at
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
-__all__ = ["FAULTS_ENV", "Ec2Options", "Ec2Provider"]
+__all__ = ["FAULTS_ENV", "Ec2Options", "Ec2Provider", "billed_span_of"]
 
 _MAX_ATTEMPTS = 4
 _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
@@ -47,6 +49,28 @@ _STATES: dict[str, MachineState] = {
     "shutting-down": "terminated",
     "terminated": "terminated",
 }
+
+
+# "User initiated (2026-11-30 14:02:09 GMT)": when the instance left running, to the second (AWS
+# writes GMT, moto UTC). EC2 bills Linux instances per second from running to that moment.
+_TRANSITION_AT = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) (?:GMT|UTC)\)")
+_ENDED = ("shutting-down", "terminated")
+
+
+def transition_time(reason: str) -> datetime | None:
+    """The time in a ``StateTransitionReason``, None when it carries none (an instance-initiated shutdown)."""
+    found = _TRANSITION_AT.search(reason or "")
+    return datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC) if found else None
+
+
+def billed_span_of(instance: dict[str, Any]) -> BilledSpan | None:
+    """``LaunchTime`` to the state transition that ended it, for an instance that has ended; the end
+    is None (teardown's own time stands in) when the reason carries no time."""
+    launched = instance.get("LaunchTime")
+    if not isinstance(launched, datetime) or instance.get("State", {}).get("Name") not in _ENDED:
+        return None
+    ended = transition_time(str(instance.get("StateTransitionReason") or ""))
+    return BilledSpan(start=launched, end=max(ended, launched) if ended else None)
 
 
 def _run_instances(client: EC2Client, params: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +178,11 @@ class Ec2Provider:
                 return False
             raise as_error(exc, f"terminating {instance_id}") from None
         return True
+
+    def billed_span(self, instance_id: str) -> BilledSpan | None:
+        """What EC2 bills for: see :func:`billed_span_of` (None while the instance still runs)."""
+        instance = self._find(instance_id)
+        return billed_span_of(instance) if instance is not None else None
 
     def list_owned(self) -> list[Machine]:
         client = self.client()

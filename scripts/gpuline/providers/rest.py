@@ -22,6 +22,7 @@ from typing import Any
 
 from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
 from gpuline.providers.base import TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState, still_running
+from gpuline.providers.billing import BilledSpan
 from gpuline.providers.failover import Backoff, Candidate, Refusal, first_that_launches
 from gpuline.providers.options import parse_options
 from gpuline.providers.rest_http import (
@@ -241,6 +242,17 @@ class RestProvider:
                 return False
             raise self._as_error(exc, f"deleting instance {instance_id}") from None
         return True
+
+    def billed_span(self, instance_id: str) -> BilledSpan | None:
+        """The cloud's ``created_at`` for an instance it reports ended. Its API reports no stop time
+        and no bill, so the meter is taken to stop when teardown saw it ended."""
+        try:
+            machine = self.describe(instance_id)
+        except NotFoundError:
+            return None
+        if machine.state != "terminated" or machine.launched_at is None:
+            return None
+        return BilledSpan(start=machine.launched_at)
 
     def list_owned(self) -> list[Machine]:
         try:

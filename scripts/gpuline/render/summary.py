@@ -8,10 +8,11 @@ as separate workflow steps.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from gpuline import gha
+from gpuline.phases import PHASES, USEFUL, Phase, nonzero
 from gpuline.registry.base import StageChange
 from gpuline.render.markdown import key_value_table, markdown_table, mermaid_line_chart
 from gpuline.results import (
@@ -159,15 +160,80 @@ def _teardown_rows(r: TeardownResult) -> list[tuple[str, str]]:
         ("status", f"{rec.status} (last step: {rec.stage})"),
         ("machine", f"{rec.instance_id or '—'} {'released' if r.machine_released else 'not running'}"),
         *([("runner", f"registration {', '.join(r.runners_deleted)} deleted")] if r.runners_deleted else []),
-        ("GPU-seconds", f"{rec.gpu_seconds:.0f} (idle {rec.idle_seconds:.0f})"),
-        ("cost", f"${rec.actual_usd or 0:.2f} actual vs ${rec.estimated_usd or 0:.2f} estimated"),
+        ("GPU-seconds", f"{rec.gpu_seconds:.0f} ({phase_line(rec.phase_gpu_seconds) or _idle(rec)})"),
+        ("cost", _cost_cell(rec)),
         ("quota", r.quota),
     ]
 
 
+def _idle(rec: RunRecord) -> str:
+    return f"idle {rec.idle_seconds:.0f}"
+
+
+def _cost_cell(rec: RunRecord) -> str:
+    text = f"${rec.actual_usd or 0:.2f} actual vs ${rec.estimated_usd or 0:.2f} estimated"
+    if rec.cost_source is None:
+        return text
+    billed = f", billed {rec.billed_seconds:,.0f} s a node" if rec.billed_seconds is not None else ""
+    return f"{text} (cost source: {rec.cost_source}{billed})"
+
+
 def _teardown(r: StepResult) -> str:
     assert isinstance(r, TeardownResult)
-    return f"### gpuline teardown ({r.record.run_id})\n\n" + key_value_table(_teardown_rows(r))
+    md = f"### gpuline teardown ({r.record.run_id})\n\n" + key_value_table(_teardown_rows(r))
+    if r.record.phase_gpu_seconds:
+        md += "\n\n" + phase_chart(r.record.phase_gpu_seconds, r.record.queue_seconds)
+    return md
+
+
+# One colour per phase: GitHub draws these squares in colour, so the bar reads as a stacked chart.
+PHASE_MARK: dict[Phase, str] = {
+    "boot": "🟪",
+    "setup": "🟧",
+    "queue": "🟫",
+    "train": "🟩",
+    "checkpoint": "🟨",
+    "eval": "🟦",
+    "idle": "⬜",
+    "teardown": "🟥",
+}
+BAR_CELLS = 20  # 5% a square
+
+
+def phase_bar(phases: Mapping[Phase, float], cells: int = BAR_CELLS) -> str:
+    """The phases as one bar of ``cells`` squares, each phase's share rounded so the squares add up
+    (largest remainder); empty when nothing was paid."""
+    total = sum(phases.get(p, 0.0) for p in PHASES)
+    if total <= 0:
+        return ""
+    exact = {p: phases.get(p, 0.0) / total * cells for p in PHASES}
+    counts = {p: int(v) for p, v in exact.items()}
+    for p in sorted(PHASES, key=lambda p: counts[p] - exact[p])[: cells - sum(counts.values())]:
+        counts[p] += 1
+    return "".join(PHASE_MARK[p] * counts[p] for p in PHASES)
+
+
+def phase_chart(phases: Mapping[Phase, float], queue_seconds: float = 0.0) -> str:
+    """The job summary's stacked bar of the paid GPU-seconds, with a legend table under it."""
+    total = sum(phases.get(p, 0.0) for p in PHASES)
+    if total <= 0:
+        return ""
+    useful = sum(phases.get(p, 0.0) for p in USEFUL)
+    # Phases under a twentieth of a second would only show as 0.0; the paid row keeps the sum in view.
+    shown = [(p, seconds) for p, seconds in nonzero(phases) if seconds >= 0.05]
+    rows = [(f"{PHASE_MARK[p]} {p}", f"{seconds:,.1f}", f"{seconds / total:.0%}") for p, seconds in shown]
+    rows.append(("paid", f"{total:,.1f}", "100%"))
+    table = markdown_table(("phase", "GPU-seconds", "share"), rows)
+    unpaid = f" The workload waited {queue_seconds:,.0f} s for admission, not paid." if queue_seconds > 0 else ""
+    return (
+        f"**Paid GPU-seconds by phase:** {total:,.1f}, of which useful (train + eval) {useful / total:.0%}."
+        f"{unpaid}\n\n{phase_bar(phases)}\n\n{table}\n"
+    )
+
+
+def phase_line(phases: Mapping[Phase, float]) -> str:
+    """``setup 7.2 · train 0.4 · eval 4.4`` for log lines and the status table (nonzero phases only)."""
+    return " · ".join(f"{p} {s:,.1f}" for p, s in nonzero(phases) if s >= 0.05)
 
 
 def _rollback(r: StepResult) -> str:
@@ -321,6 +387,8 @@ def status_table(records: list[RunRecord], events: dict[object, list[dict[str, o
         lines.append(line(row))
         if record.error:
             lines.append(f"{'':{widths[0]}} error: {record.error}")
+        if record.phase_gpu_seconds:
+            lines.append(f"{'':{widths[0]}} GPU-seconds by phase: {phase_line(record.phase_gpu_seconds)}")
         lines += [f"{'':{widths[0]}} {_event_line(e)}" for e in (events or {}).get(record.run_id, [])]
     return lines
 

@@ -61,11 +61,12 @@ class _Left:
 
 def teardown(ctx: Context) -> TeardownResult:
     record = ctx.require_run()
-    now = utcnow()
+    started = utcnow()
     first_time = record.times.released is None
     left = _Left()
     machine = f"machine {record.instance_id}" if record.instance_id else "machine"
     machine_released = left.attempt(machine, lambda: release_machine(ctx.project_dir, record), False)
+    now = utcnow()  # the machine is released: the lease is paid until here (teardown's phase since started)
     lease_released = False
     if record.lease_id:
         lease_id = record.lease_id
@@ -75,7 +76,7 @@ def teardown(ctx: Context) -> TeardownResult:
         "runner registration", lambda: runner.unregister(ctx.ledger, record.run_id), list[str]()
     )
     if first_time:
-        record = _close(ctx, left, record, now)
+        record = _close(ctx, left, record, now, started)
     settled = left.attempt("quota reservation", lambda: quota.settle(ctx.ledger, record), "still held")
     left.attempt(
         "teardown event",
@@ -109,12 +110,19 @@ def teardown(ctx: Context) -> TeardownResult:
     return result
 
 
-def _close(ctx: Context, left: _Left, record: RunRecord, now: datetime) -> RunRecord:
-    closed = left.attempt("run record", lambda: close_record(ctx.ledger, ctx.project_dir, record, now), None)
+def _close(ctx: Context, left: _Left, record: RunRecord, now: datetime, started: datetime) -> RunRecord:
+    def close() -> RunRecord:
+        return close_record(ctx.ledger, ctx.project_dir, record, now, teardown_from=started)
+
+    closed = left.attempt("run record", close, None)
     if closed is not None:
         return closed
+
     # The record could not be written: settle the quota at the cost it would have recorded anyway.
-    return left.attempt("run cost", lambda: closed_copy(ctx.ledger, ctx.project_dir, record, now), record)
+    def copy() -> RunRecord:
+        return closed_copy(ctx.ledger, ctx.project_dir, record, now, teardown_from=started)
+
+    return left.attempt("run cost", copy, record)
 
 
 def _line(exc: Exception) -> str:

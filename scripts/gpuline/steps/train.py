@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,7 @@ from gpuline import gha
 from gpuline.context import Context
 from gpuline.errors import GpulineError, InfraError, RefusedError
 from gpuline.results import TrainResult
-from gpuline.runs import Checkpoint, RunRecord, model_prefix
+from gpuline.runs import Checkpoint, RunRecord, model_prefix, utcnow
 from gpuline.spec import Spec
 from gpuline.stage import recorded
 from gpuline.storage import bundle
@@ -38,8 +40,14 @@ def train(ctx: Context) -> TrainResult:
             outcome, model_sha256, failure, record = _train_on_cluster(ctx, record, spec)
             artifacts = [model_prefix(record.run_id)] if model_sha256 else []
         else:
-            outcome = supervise(_request(ctx, record, spec))
+            fetching = (utcnow(), time.monotonic())
+            request = _request(ctx, record, spec)  # resolves (and may download) the dataset
+            ctx.event("train.phases", intervals=[_interval("setup", *fetching)])
+            outcome = supervise(request)
+            saving = (utcnow(), time.monotonic())
             model = bundle.upload(ctx.storage, outcome.output_dir, model_prefix(record.run_id))
+            # Keeping the model is saving too: the machine waits on it as on a checkpoint.
+            ctx.event("train.phases", intervals=[_interval("checkpoint", *saving)])
             artifacts = model.uris if model else []
             model_sha256 = model.manifest_sha256 if model else ""
         record = _keep_outcome(ctx, record, outcome, model_sha256)
@@ -102,6 +110,8 @@ def _train_on_cluster(
             ctx.event("train.workload_deleted", instance_id=instance_id)
         raise
     record = _keep_pods(ctx, record, followed)
+    with contextlib.suppress(GpulineError):  # bookkeeping: unreadable metrics leave the pods' time idle
+        ctx.event("train.phases", intervals=remote.pod_phases(ctx.storage, record.run_id, followed))
     read = remote.read_outcome(ctx.storage, record.run_id, followed, ctx.workdir(record.run_id) / "output")
     failure = remote.failure(read, followed, record.run_id, spec.checkpoint.max_restarts)
     return read.outcome, read.model_sha256, failure, record
@@ -139,15 +149,29 @@ def _keep_pods(ctx: Context, record: RunRecord, followed: Followed) -> RunRecord
         r.times.pod_finished = followed.finished or r.times.pod_finished
         r.times.runner_online = r.times.runner_online or followed.first_running
         r.pod_seconds = round(r.pod_seconds + followed.pod_seconds, 3)
+        # Kueue's admission (k8s_queue): the wait before it is queue time, never GPU time or cost.
+        r.times.admitted = r.times.admitted or followed.admitted_at
+        r.queue_seconds = max(r.queue_seconds, followed.queue_seconds)
 
     ctx.event(
         "train.workload",
         end=followed.end,
         reason=followed.reason,
-        pods=[{"name": p.name, "exit_code": p.exit_code, "disrupted": p.disrupted, "seconds": p.seconds}
-              for p in followed.pods],
+        admitted_at=followed.admitted_at.isoformat() if followed.admitted_at else None,
+        queue_seconds=followed.queue_seconds,
+        pods=[{"name": p.name, "exit_code": p.exit_code, "disrupted": p.disrupted, "seconds": p.seconds,
+               "started": _iso(p.started), "finished": _iso(p.finished)} for p in followed.pods],
     )  # fmt: skip
     return ctx.ledger.update_run(record.run_id, keep)
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+def _interval(phase: str, wall_start: datetime, mono_start: float) -> dict[str, Any]:
+    """A ``train.phases`` interval from its start to now: placed by the wall clock, measured by the monotonic one."""
+    return {"phase": phase, "start": wall_start.isoformat(), "seconds": round(time.monotonic() - mono_start, 4)}
 
 
 def _request(ctx: Context, record: RunRecord, spec: Spec) -> TrainRequest:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -61,14 +61,48 @@ def _published(storage: Storage, run_id: str) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _curve(storage: Storage, run_id: str) -> list[tuple[int, float]]:
+def _rows(storage: Storage, run_id: str) -> list[dict[str, Any]]:
+    """The metrics rows the pods published, every pod's (each carried the curve before it over)."""
     key = f"{run_prefix(run_id)}/{METRICS_KEY}"
     if not storage.exists(key):
         return []
     with tempfile.TemporaryDirectory(prefix="gpuline-metrics-") as tmp:
         local = Path(tmp) / METRICS_KEY
         storage.get_file(key, local)
-        return loss_curve(read_metrics(local))
+        return read_metrics(local)
+
+
+def _curve(storage: Storage, run_id: str) -> list[tuple[int, float]]:
+    return loss_curve(_rows(storage, run_id))
+
+
+# A pod that ended this way saved its last step before it exited: the time after that step is the save.
+_SAVED_EXITS = (contract.POD_EXIT_COMPLETED, contract.POD_EXIT_STOPPED, contract.POD_EXIT_OUT_OF_TIME)
+
+
+def pod_phases(storage: Storage, run_id: str, followed: Followed) -> list[dict[str, Any]]:
+    """Each pod's run as ``train.phases`` intervals: setup (its start to its first step), train (to
+    its last step), checkpoint (the final save and upload, when it exited having saved). The pod's
+    start and end are the API's; its steps are the trainer's own ``time`` on each metrics row."""
+    times = sorted(float(t) for r in _rows(storage, run_id) if isinstance(t := r.get("time"), int | float))
+    intervals: list[dict[str, Any]] = []
+    for pod in followed.pods:
+        if pod.started is None or pod.finished is None or pod.finished <= pod.started:
+            continue
+        a, b = pod.started.timestamp(), pod.finished.timestamp()
+        inside = [t for t in times if a <= t <= b]
+        if not inside:
+            intervals.append(_interval("setup", a, b))  # it never stepped: pulled, started, was stopped
+            continue
+        intervals += [_interval("setup", a, inside[0]), _interval("train", inside[0], inside[-1])]
+        if pod.exit_code in _SAVED_EXITS:
+            intervals.append(_interval("checkpoint", inside[-1], b))
+    return [i for i in intervals if i["seconds"] > 0]
+
+
+def _interval(phase: str, start: float, end: float) -> dict[str, Any]:
+    when = datetime.fromtimestamp(start, UTC).isoformat()
+    return {"phase": phase, "start": when, "seconds": round(max(0.0, end - start), 4)}
 
 
 def read_outcome(storage: Storage, run_id: str, followed: Followed, output_dir: Path) -> ClusterOutcome:

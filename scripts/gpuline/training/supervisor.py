@@ -30,11 +30,12 @@ from types import FrameType
 from typing import Any
 
 from gpuline import contract
-from gpuline.errors import InfraError, InputError
+from gpuline.errors import GpulineError, InfraError, InputError
 from gpuline.training import checkpoints, imds
 from gpuline.training.checkpoints import CheckpointInfo
 from gpuline.training.launch import child_env, launch_argv
 from gpuline.training.metrics import MetricsTail, loss_curve, read_eval, read_metrics
+from gpuline.training.phase_clock import PhaseClock
 from gpuline.training.process import (
     LineReader,
     exit_code,
@@ -122,6 +123,8 @@ class Supervisor:
         self.paths = RunPaths(req.workdir)
         self.stop = _StopRequest()
         self.started = time.monotonic()
+        # Where the seconds go (setup, train, checkpoint), reported per launch as ``phases`` events.
+        self.clock = PhaseClock(self.paths.metrics, req.checkpoint_interval)
         self.preemptions = 0
         self.restarts = 0
         self.uploaded: dict[int, CheckpointInfo] = {}
@@ -156,7 +159,9 @@ class Supervisor:
                 if watcher is not None:
                     watcher.stop()
                 uploader.stop()
+            flush_from = self.clock.now()
             uploader.flush()
+            self._phases([self.clock.interval_event("checkpoint", flush_from, self.clock.now())])
             return self._outcome(code, reason, resume, tail)
 
     def _train(self, resume: ResumePoint, uploader: CheckpointUploader, tail: MetricsTail) -> tuple[int, StopReason]:
@@ -239,6 +244,7 @@ class Supervisor:
 
     def _run_once(self, resume_path: Path | None, tail: MetricsTail) -> int:
         req = self.req
+        self.clock.launched()
         proc = self._launch(resume_path)
         assert proc.stdout is not None
         reader = LineReader(proc.stdout, req.log)
@@ -267,16 +273,28 @@ class Supervisor:
         reader.join()
         self._poll(tail)
         self.paths.trainer_pid.unlink(missing_ok=True)
-        return exit_code(proc.returncode)
+        code = exit_code(proc.returncode)
+        self._phases(self.clock.ended(clean=code in (0, 128 + signal.SIGTERM)))
+        return code
 
     def _poll(self, tail: MetricsTail) -> None:
         """Follow the metrics, noting the run's first step the moment it is seen: a supervisor
         started after this one was killed starts reading after what is already there, and without
         the note the first train's work would count as time the machine sat idle."""
+        before = tail.offset
         tail.poll()
+        if tail.offset > before:
+            self._phases(self.clock.saw_steps())
         if self.first_step_at is None and tail.first_step_at is not None:
             self.first_step_at = tail.first_step_at
             _note_first_step(self.paths.first_step, tail.first_step_at)
+
+    def _phases(self, intervals: list[dict[str, Any]]) -> None:
+        # Bookkeeping: a ledger that cannot take it (a full disk) must not stop the training it is
+        # about; the seconds it would have placed count as idle.
+        if intervals:
+            with contextlib.suppress(GpulineError, OSError):
+                self.req.on_event("phases", {"intervals": intervals})
 
     def _announce_stop(self) -> None:
         reason, source = self.stop.reason, self.stop.source
