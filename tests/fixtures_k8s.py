@@ -76,7 +76,7 @@ class K8sEmulator:
     def stop(self) -> None:
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+        self._thread.join(60)
 
     # ------------------------------------------------------------ inspection, on the emulator's loop
 
@@ -90,7 +90,7 @@ class K8sEmulator:
                 future.set_exception(exc)
 
         self._loop.call_soon_threadsafe(run)
-        return future.result(10)
+        return future.result(120)  # a hang guard: a loaded machine can be slow to answer
 
     def reset(self) -> None:
         def clear() -> None:

@@ -220,7 +220,7 @@ def test_train_mode_needs_an_image(tmp_path: Path) -> None:
 
 def test_pytorchjob_has_master_and_workers_and_the_lease_deadline(tmp_path: Path) -> None:
     manifests = build_manifests(
-        lease(tmp_path, nodes=3, procs=2), KubernetesOptions(queue="q"), created_at="x", use_pytorchjob=True
+        lease(tmp_path, nodes=3, procs=2), KubernetesOptions(queue="q"), created_at="x", engine="pytorchjob"
     )
     (job,) = manifests
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
@@ -231,7 +231,8 @@ def test_pytorchjob_has_master_and_workers_and_the_lease_deadline(tmp_path: Path
     assert job["spec"]["runPolicy"]["suspend"] is True
     container = replicas["Worker"]["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch"
-    assert container["command"] == ["torchrun", "train.py"]
+    # Every replica runs the supervisor (checkpoints, resume, stop handling), handed torchrun's rendezvous.
+    assert container["command"][-6:] == [*IN_POD, "python", "train.py"]
     # Each replica is its own copy: the operator may edit one without touching the other.
     assert replicas["Worker"]["template"] is not replicas["Master"]["template"]
 

@@ -1,14 +1,18 @@
-"""Following a train-mode Job until it ends: the official client's watch on the Job, with the pods
+"""Following a train-mode workload until it ends: the official client's watch on it, with its pods
 read back at each change, so the pipeline knows when the pods ran, how often one was replaced, and
-how the workload ended.
+how the workload ended. A Job, a TrainJob and a PyTorchJob are followed the same way; what differs
+(where each is listed, which conditions end it, how its pods are numbered) is looked up by kind in
+:mod:`gpuline.providers.k8s_workloads`.
 
-The watch is the usual list-then-watch: a list gives the Job's state and a resource version, the
+The watch is the usual list-then-watch: a list gives the workload's state and a resource version, the
 watch streams from it, and when the stream ends (the server's timeout, a dropped connection, a read
 timeout with nothing to say, or ``410 Gone`` when the version expired) the loop lists again and
 watches from the new version. Nothing sleeps: each turn waits on the API for the next change.
 
-Pod 0's log (the pod that commits checkpoints) is copied to the job log as it is written, best
-effort: a cluster that does not serve logs (or a pod gone before it is read) only loses those lines.
+Pod 0's log (the pod that commits checkpoints: a Job's completion index 0, a TrainJob's first node,
+a PyTorchJob's master) is copied to the job log as it is written, best effort: a cluster that does
+not serve logs (or a pod gone before it is read) only loses those lines. The pods' times are summed
+over every pod, all nodes of a multi-node run included.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from gpuline.errors import ConfigError
+from gpuline.providers import k8s_queue
 from gpuline.providers.k8s_errors import as_error, status_of
-from gpuline.providers.k8s_objects import completion_index, parse_id, parse_time
+from gpuline.providers.k8s_objects import parse_time
+from gpuline.providers.k8s_workloads import End, parse_id, pod_rank, workload_end
 
 if TYPE_CHECKING:
     from gpuline.providers.kubernetes import KubernetesProvider
@@ -29,8 +34,6 @@ if TYPE_CHECKING:
 WATCH_S = 60  # asked of the server per watch; it ends the stream then and the loop watches again
 READ_SLACK_S = 15  # on top, for the client: a server that ignores the timeout still gets the stream cut
 DISRUPTION = "DisruptionTarget"
-
-End = Literal["Complete", "Failed", "Deleted"]
 
 
 @dataclass
@@ -60,6 +63,9 @@ class Followed:
     reason: str = ""
     message: str = ""
     pods: list[PodRun] = field(default_factory=list)
+    # Kueue (k8s_queue.QueueWait): when the queued Job was admitted, and how long it waited (not paid).
+    admitted_at: datetime | None = None
+    queue_seconds: float = 0.0
 
     @property
     def first_running(self) -> datetime | None:
@@ -81,17 +87,35 @@ class Followed:
         """Pods the cluster disrupted (evicted, reclaimed), each replaced by the Job unless it ran out of tries."""
         return sum(1 for p in self.pods if p.disrupted)
 
+    def by_node(self) -> dict[int, list[PodRun]]:
+        """The pods of each node (rank), in the order they ran: a node's pod and those that replaced it."""
+        nodes: dict[int, list[PodRun]] = {}
+        for pod in self.pods:
+            nodes.setdefault(pod.index, []).append(pod)
+        return nodes
+
     @property
     def restarts(self) -> int:
         """Pods replaced for another reason than a disruption (those are preemptions), plus container
-        restarts inside a pod: what a local run counts as restarts after a failure."""
-        replaced = max(0, len(self.pods) - 1)
-        disrupted_then_replaced = sum(1 for p in self.pods[:-1] if p.disrupted)
+        restarts inside a pod: what a local run counts as restarts after a failure. Each node of a
+        multi-node run has its own first pod, which replaced nothing."""
+        replaced = disrupted_then_replaced = 0
+        for runs in self.by_node().values():
+            replaced += len(runs) - 1
+            disrupted_then_replaced += sum(1 for p in runs[:-1] if p.disrupted)
         return replaced - disrupted_then_replaced + sum(p.restarts for p in self.pods)
 
     def last_exit_code(self) -> int | None:
-        codes = [p.exit_code for p in self.pods if p.exit_code is not None]
-        return codes[-1] if codes else None
+        """How the run's pods ended: the last pod's exit code; of several nodes, that of the first node
+        to fail (its peers were stopped after it, and say only that), else the first node's."""
+        last = [p for runs in self.by_node().values() for p in runs[-1:] if p.exit_code is not None]
+        if not last:
+            ended = [p for p in self.pods if p.exit_code is not None]
+            return ended[-1].exit_code if ended else None
+        failed = sorted(
+            (p for p in last if p.exit_code != 0), key=lambda p: p.finished.timestamp() if p.finished else 0
+        )
+        return (failed or sorted(last, key=lambda p: p.index))[0].exit_code
 
 
 def _when(raw: Any) -> datetime | None:
@@ -100,7 +124,7 @@ def _when(raw: Any) -> datetime | None:
 
 def pod_run(pod: dict[str, Any]) -> PodRun:
     meta, status = pod.get("metadata", {}), pod.get("status") or {}
-    run = PodRun(name=meta.get("name", ""), index=completion_index(pod))
+    run = PodRun(name=meta.get("name", ""), index=pod_rank(pod))
     run.disrupted = any(
         c.get("type") == DISRUPTION and c.get("status") == "True" for c in status.get("conditions") or []
     )
@@ -115,37 +139,26 @@ def pod_run(pod: dict[str, Any]) -> PodRun:
     return run
 
 
-def job_end(job: dict[str, Any]) -> tuple[End, str, str] | None:
-    """The Job's terminal condition (Complete, Failed) with its reason and message; None while it runs."""
-    for condition in (job.get("status") or {}).get("conditions") or []:
-        kind = condition.get("type")
-        if kind in ("Complete", "Failed") and condition.get("status") == "True":
-            return kind, condition.get("reason") or "", condition.get("message") or ""
-    return None
-
-
-class JobFollower:
-    """Watches one Job of the provider until it ends; see the module's docstring."""
+class WorkloadFollower:
+    """Watches one workload of the provider (a Job, TrainJob or PyTorchJob) until it ends; see the
+    module's docstring."""
 
     def __init__(self, provider: KubernetesProvider, instance_id: str, write_log: Callable[[str], None]) -> None:
-        kind, self.namespace, self.name = parse_id(instance_id)
-        if kind != "job":
-            raise ConfigError(
-                f"gpuline follows a train-mode Job, not a {kind} ({instance_id})",
-                hint="multi-node training on the cluster is not followed yet; use a single-node spec",
-            )
+        self.kind, self.namespace, self.name = parse_id(instance_id)
+        self.gone = f"the {self.kind.kind} was deleted before it ended"
         self.provider = provider
         self.instance_id = instance_id
         self.write_log = write_log
         self.pods: dict[str, PodRun] = {}
         self._logged: set[str] = set()
         self._threads: list[threading.Thread] = []
+        self.queue = k8s_queue.QueueWait(provider)  # the "waiting for admission" line, the admitted time
 
     def follow(self) -> Followed:
         while True:
             job, version = self._list()
             if job is None:
-                return self._ended("Deleted", "", "the Job was deleted before it ended")
+                return self._ended("Deleted", "", self.gone)
             ended = self._seen(job)
             if ended is None:
                 ended = self._watch(version)
@@ -155,20 +168,12 @@ class JobFollower:
     # ------------------------------------------------------------ list, then watch
 
     def _list(self) -> tuple[dict[str, Any] | None, str | None]:
-        api = self.provider.api
-        try:
-            listing = self.provider.batch_api().list_namespaced_job(self.namespace)
-        except Exception as exc:
-            raise as_error(exc, f"listing Jobs in {self.namespace}") from None
-        version = listing.metadata.resource_version if listing.metadata else None
-        for item in listing.items:
-            if item.metadata and item.metadata.name == self.name:
-                job: dict[str, Any] = api.sanitize_for_serialization(item)
-                return job, version
-        return None, version
+        items, version = self.provider.list_workloads(self.kind, self.namespace)
+        found = next((i for i in items if i.get("metadata", {}).get("name") == self.name), None)
+        return found, version
 
     def _watch(self, version: str | None) -> Followed | None:
-        """Stream the Job's changes from ``version``; None when the stream ended first (list again)."""
+        """Stream the workload's changes from ``version``; None when the stream ended first (list again)."""
         from kubernetes import watch
         from urllib3.exceptions import HTTPError
 
@@ -178,13 +183,14 @@ class JobFollower:
         kwargs: dict[str, Any] = {"timeout_seconds": WATCH_S, "_request_timeout": WATCH_S + READ_SLACK_S}
         if version and version.isdigit():  # an emulator's placeholder version would only confuse a watch
             kwargs["resource_version"] = version
+        list_call, args = self.provider.watch_call(self.kind, self.namespace)
         try:
-            for event in w.stream(self.provider.batch_api().list_namespaced_job, self.namespace, **kwargs):
+            for event in w.stream(list_call, *args, **kwargs):
                 raw = event.get("raw_object") or {}
                 if raw.get("metadata", {}).get("name") != self.name:
                     continue
                 if event.get("type") == "DELETED":
-                    return self._ended("Deleted", "", "the Job was deleted before it ended")
+                    return self._ended("Deleted", "", self.gone)
                 ended = self._seen(raw)
                 if ended is not None:
                     return ended
@@ -193,14 +199,15 @@ class JobFollower:
         except Exception as exc:
             if status_of(exc) == 410:
                 return None  # the version expired: list again for a fresh one
-            raise as_error(exc, f"watching Job {self.namespace}/{self.name}") from None
+            raise as_error(exc, f"watching {self.kind.kind} {self.namespace}/{self.name}") from None
         finally:
             w.stop()
         return None
 
     def _seen(self, job: dict[str, Any]) -> Followed | None:
+        self.queue.seen(job, self.write_log)  # k8s_queue: says so while Kueue has not admitted the Job
         self._refresh_pods()
-        end = job_end(job)
+        end = workload_end(job)
         if end is None:
             return None
         return self._ended(*end)
@@ -210,7 +217,10 @@ class JobFollower:
         for thread in self._threads:
             thread.join(READ_SLACK_S)  # the log of a pod that ended is read to its end, or given up on
         pods = sorted(self.pods.values(), key=lambda p: (p.started is None, p.started or datetime.min, p.name))
-        return Followed(end=end, reason=reason, message=message, pods=pods)
+        return Followed(
+            end=end, reason=reason, message=message, pods=pods,
+            admitted_at=self.queue.admitted_at, queue_seconds=self.queue.queue_seconds,
+        )  # fmt: skip
 
     # ------------------------------------------------------------ pods and pod 0's log
 

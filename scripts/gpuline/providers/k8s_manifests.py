@@ -3,8 +3,9 @@
 One lease is one Job (``activeDeadlineSeconds`` = the TTL, so the cluster itself enforces it) whose
 pods either train directly or run one just-in-time GitHub runner. More than one node is an Indexed
 Job plus a headless Service: pod ``<job>-0`` is the c10d rendezvous every pod's ``torchrun`` meets
-at, reachable as ``<job>-0.<service>``. Where the Kubeflow training operator is installed, a
-PyTorchJob can be used instead (it sets torchrun's ``PET_*`` environment itself).
+at, reachable as ``<job>-0.<service>``. Where Kubeflow runs distributed training, the workload is
+what it schedules instead: a Trainer v2 TrainJob (:mod:`gpuline.providers.k8s_trainjob`) or a Training
+Operator v1 PyTorchJob, whose controllers give the pods torchrun's ``PET_*`` environment themselves.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import Any
+from typing import Any, Literal
 
 from gpuline import contract
 from gpuline.errors import ConfigError
-from gpuline.providers import k8s_pod
+from gpuline.providers import k8s_gpu, k8s_pod, k8s_queue
 from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, TAG_RUN_ID, LeaseRequest
 from gpuline.providers.k8s_options import KubernetesOptions, SpotPlacement, Toleration
+from gpuline.providers.k8s_trainjob import build_trainjob
 from gpuline.training.launch import TORCHRUN, entrypoint_args, torchrun_argv
 
 RDZV_PORT = 29400
+# What runs more than one node: a Kubeflow Trainer TrainJob, a Training Operator PyTorchJob, or an
+# Indexed Job with a headless Service (no operator needed).
+Engine = Literal["trainjob", "pytorchjob", "indexed-job"]
 LABEL_PREFIX = "gpuline/"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -62,10 +67,11 @@ def annotations_for(request: LeaseRequest, created_at: str) -> dict[str, str]:
 
 
 def build_manifests(
-    request: LeaseRequest, options: KubernetesOptions, *, created_at: str, use_pytorchjob: bool = False
+    request: LeaseRequest, options: KubernetesOptions, *, created_at: str, engine: Engine = "indexed-job"
 ) -> list[dict[str, Any]]:
     """Every object the lease needs, in creation order: the workload first (so the lease is findable
-    as early as possible), then what hangs off it."""
+    as early as possible), then what hangs off it. ``engine`` is what runs more than one node (the
+    provider picks it from the cluster's API discovery); one node is always a Job."""
     resources = request.spec.resources
     nodes = resources.nodes
     if options.mode == "runner" and nodes > 1:
@@ -82,9 +88,17 @@ def build_manifests(
     labels = labels_for(request, options)
     annotations = annotations_for(request, created_at)
     meta = {"name": name, "namespace": options.namespace, "labels": labels, "annotations": annotations}
-    pod = _pod_template(request, options, name, labels, distributed=nodes > 1 and not use_pytorchjob)
+    engine = engine if nodes > 1 else "indexed-job"
+    operator = engine != "indexed-job"  # a controller runs the pods and gives them torchrun's rendezvous
+    pod = _pod_template(request, options, name, labels, distributed=nodes > 1 and not operator)
+    if operator:
+        _for_an_operator(request, options, pod)
     out: list[dict[str, Any]] = []
-    if use_pytorchjob and nodes > 1:
+    if engine == "trainjob":
+        suspend = k8s_queue.kueue_managed(options)
+        meta_labels = {**labels, **k8s_queue.workload_labels(request, options)}
+        out.append(build_trainjob(request, options, {**meta, "labels": meta_labels}, pod, suspend=suspend))
+    elif engine == "pytorchjob":
         out.append(_pytorchjob(request, options, meta, pod))
     else:
         out.append(_job(request, options, meta, pod))
@@ -92,6 +106,7 @@ def build_manifests(
             out.append(_headless_service(options, name, labels, annotations))
     if options.mode == "runner" and request.runner is not None:
         out.append(_jit_secret(options, name, labels, request.runner.jit_config))
+    out += gang(request, options, meta, pod)  # scheduler: volcano: the PodGroup (k8s_queue)
     return out
 
 
@@ -114,8 +129,8 @@ def _job(
     if k8s_pod.supervised(options):
         # Needs restartPolicy Never on the pod (set below): the Job, not the kubelet, replaces pods.
         spec["podFailurePolicy"] = k8s_pod.failure_policy(options)
-    if options.queue:
-        job_labels[QUEUE_LABEL] = options.queue
+    if k8s_queue.kueue_managed(options):
+        job_labels.update(k8s_queue.workload_labels(request, options))
         # Kueue admits a suspended Job when its queue has quota; the deadline only runs once admitted.
         spec["suspend"] = True
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {**meta, "labels": job_labels}, "spec": spec}
@@ -155,9 +170,6 @@ def _pytorchjob(
     resources = request.spec.resources
     container = pod["spec"]["containers"][0]
     container["name"] = "pytorch"  # the training operator finds the container by this name
-    if options.command is None:
-        # The operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR... which torchrun reads as defaults.
-        container["command"] = [*TORCHRUN, *entrypoint_args(request.spec.entrypoint.command)]
     run_policy: dict[str, Any] = {
         "activeDeadlineSeconds": request.ttl_seconds,
         "ttlSecondsAfterFinished": options.ttl_after_finished_s,
@@ -165,8 +177,8 @@ def _pytorchjob(
         "cleanPodPolicy": "All",
     }
     job_labels = dict(meta["labels"])
-    if options.queue:
-        job_labels[QUEUE_LABEL] = options.queue
+    if k8s_queue.kueue_managed(options):
+        job_labels.update(k8s_queue.workload_labels(request, options))
         run_policy["suspend"] = True
     replica = {"restartPolicy": "Never", "template": pod}
     return {
@@ -182,6 +194,32 @@ def _pytorchjob(
             },
         },
     }
+
+
+# The operators' own names for torchrun's rendezvous, the same in a TrainJob's and a PyTorchJob's pods
+# (kubeflow/trainer pkg/constants/constants.go; kubeflow/training-operator pkg/controller.v1/pytorch).
+PET_RENDEZVOUS = "$(PET_MASTER_ADDR):$(PET_MASTER_PORT)"
+PET_NODE_RANK = "$(PET_NODE_RANK)"
+
+
+def _for_an_operator(request: LeaseRequest, options: KubernetesOptions, pod: dict[str, Any]) -> None:
+    """The pod template as a TrainJob's or PyTorchJob's controller runs it: every pod is one node of
+    ``resources.nodes``, and the controller, not gpuline, knows where rank 0 is."""
+    container = pod["spec"]["containers"][0]
+    for item in container["env"]:
+        if item["name"] == contract.NNODES:
+            item["value"] = str(request.spec.resources.nodes)
+    if options.command is not None:
+        return
+    if k8s_pod.supervised(options):
+        # The kubelet expands $(VAR) in a command from the container's whole environment, the variables
+        # the controller adds included (it appends them after ours, so an env value could not refer to
+        # them). `env` hands the supervisor the rendezvous and this pod's rank under the names it reads.
+        handover = [f"{contract.RDZV_ENDPOINT}={PET_RENDEZVOUS}", f"JOB_COMPLETION_INDEX={PET_NODE_RANK}"]
+        container["command"] = ["env", *handover, *k8s_pod.in_pod_command(request)]
+    else:
+        # torchrun reads PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR... as the defaults of its options.
+        container["command"] = [*TORCHRUN, *entrypoint_args(request.spec.entrypoint.command)]
 
 
 # ---------------------------------------------------------------- the pod
@@ -206,8 +244,9 @@ def _pod_template(
         spec["terminationGracePeriodSeconds"] = k8s_pod.grace_seconds(options)
     if options.service_account:
         spec["serviceAccountName"] = options.service_account
-    if options.priority_class:
-        spec["priorityClassName"] = options.priority_class
+    priority = k8s_queue.priority_class(request, options)  # explicit, else the tier's
+    if priority:
+        spec["priorityClassName"] = priority
     if options.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": n} for n in options.image_pull_secrets]
     if resources.gpu_count > 1 or resources.procs_per_node > 1:
@@ -219,7 +258,10 @@ def _pod_template(
         del spec["nodeSelector"]
     if not spec["tolerations"]:
         del spec["tolerations"]
-    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": dict(labels)}
+    if options.scheduler == k8s_queue.VOLCANO:
+        k8s_queue.volcano_pod(spec, metadata, name, options)  # the PodGroup has the workload's name
+    return {"metadata": metadata, "spec": spec}
 
 
 def _container(request: LeaseRequest, options: KubernetesOptions, name: str, *, distributed: bool) -> dict[str, Any]:
@@ -227,7 +269,8 @@ def _container(request: LeaseRequest, options: KubernetesOptions, name: str, *, 
     limits: dict[str, str] = {}
     requests: dict[str, str] = {}
     if resources.gpu_count > 0:
-        limits[GPU_RESOURCE] = str(resources.gpu_count)
+        # Whole GPUs, or MIG slices (gpu_type a100-mig-1g.5gb: nvidia.com/mig-1g.5gb under the mixed strategy).
+        limits[k8s_gpu.gpu_resource(resources.gpu_type, options.mig_strategy)] = str(resources.gpu_count)
     if options.cpu:
         requests["cpu"] = options.cpu
     if options.memory:
@@ -303,10 +346,30 @@ def _train_command(request: LeaseRequest, options: KubernetesOptions, *, distrib
 
 
 def _node_selector(request: LeaseRequest, options: KubernetesOptions) -> dict[str, str]:
-    selector = {k: v.replace("{gpu_type}", request.spec.resources.gpu_type) for k, v in options.node_selector.items()}
+    selector = {k: _fill(v, request.spec.resources.gpu_type) for k, v in options.node_selector.items()}
     if request.lane == "spot":
         selector.update(options.spot.node_selector)
     return selector
+
+
+def _fill(value: str, gpu_type: str) -> str:
+    """``{gpu_type}``, ``{gpu}`` (a MIG slice's card) and ``{mig_profile}`` in a node selector value."""
+    for placeholder, text in k8s_gpu.placeholders(gpu_type).items():
+        value = value.replace(placeholder, text)
+    return value
+
+
+def gang(
+    request: LeaseRequest, options: KubernetesOptions, meta: dict[str, Any], pod: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """With ``scheduler: volcano``, the PodGroup that gang-schedules the workload's pods; else nothing."""
+    if options.scheduler != k8s_queue.VOLCANO:
+        return []
+    limits = pod["spec"]["containers"][0].get("resources", {}).get("limits", {})
+    per_pod = {
+        k: v for k, v in limits.items() if k == k8s_gpu.GPU_RESOURCE or k.startswith(k8s_gpu.MIG_RESOURCE_PREFIX)
+    }
+    return [k8s_queue.podgroup(request, options, meta, per_pod)]
 
 
 def _tolerations(request: LeaseRequest, options: KubernetesOptions) -> list[dict[str, Any]]:
@@ -324,6 +387,8 @@ def _tolerations(request: LeaseRequest, options: KubernetesOptions) -> list[dict
 def describe_command(manifest: dict[str, Any]) -> str:
     """The command a manifest's first container runs, for logs (never includes env values)."""
     spec = manifest.get("spec", {})
+    if "trainer" in spec:  # a TrainJob: the trainer's command, run in each node of its runtime
+        return shlex.join(spec["trainer"].get("command", []))
     template = spec.get("template") or spec.get("pytorchReplicaSpecs", {}).get("Master", {}).get("template", {})
     containers = template.get("spec", {}).get("containers", [{}])
     return shlex.join(containers[0].get("command", []))

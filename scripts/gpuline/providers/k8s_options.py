@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpuline.spec import Tier
+
 
 class Toleration(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -43,7 +45,20 @@ class KubernetesOptions(BaseModel):
     working_dir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     env_from_secret: str | None = Field(default=None, description="A Secret whose keys become env vars.")
-    queue: str | None = Field(default=None, description="Kueue LocalQueue name.")
+    queue: str | None = Field(
+        default=None,
+        description="Kueue LocalQueue (the Job waits suspended for admission), or the Volcano queue with "
+        "scheduler: volcano.",
+    )
+    scheduler: Literal["default", "volcano"] = Field(
+        default="default",
+        description="volcano: gang-schedule the pods with Volcano (schedulerName, a PodGroup of resources.nodes).",
+    )
+    mig_strategy: Literal["mixed", "single"] = Field(
+        default="mixed",
+        description="How the cluster advertises MIG slices: mixed, as nvidia.com/mig-<profile>; single, as "
+        "nvidia.com/gpu (select the nodes with node_selector and {mig_profile}).",
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Values may use {gpu_type}, e.g. {gpu: '{gpu_type}'}."
     )
@@ -56,7 +71,17 @@ class KubernetesOptions(BaseModel):
     shm_size: str = Field(default="8Gi", description="/dev/shm for multi-process data loading and NCCL.")
     service_account: str | None = None
     automount_service_account_token: bool = False
-    priority_class: str | None = None
+    priority_class: str | None = Field(
+        default=None, description="The pods' PriorityClass (wins over priority_classes)."
+    )
+    priority_classes: dict[Tier, str] = Field(
+        default_factory=dict,
+        description="The pods' PriorityClass per tier, e.g. {nightly: research, release: production}.",
+    )
+    workload_priority_classes: dict[Tier, str] = Field(
+        default_factory=dict,
+        description="With queue (Kueue): the WorkloadPriorityClass per tier (label kueue.x-k8s.io/priority-class).",
+    )
     image_pull_secrets: list[str] = Field(default_factory=list)
     ttl_after_finished_s: int = Field(default=600, ge=0)
     backoff_limit: int | None = Field(
@@ -81,7 +106,15 @@ class KubernetesOptions(BaseModel):
         default="max_restarts",
         description="max_restarts: an evicted pod counts towards backoffLimit; always: it never does (Ignore).",
     )
-    multi_node: Literal["auto", "indexed-job", "pytorchjob"] = "auto"
+    multi_node: Literal["auto", "trainjob", "pytorchjob", "indexed-job"] = Field(
+        default="auto",
+        description="The engine for nodes > 1: trainjob (Kubeflow Trainer v2), pytorchjob (Training Operator v1), "
+        "indexed-job (a Job and a headless Service); auto: the first of these the cluster's API serves.",
+    )
+    runtime: str = Field(
+        default="torch-distributed",
+        description="trainjob: the ClusterTrainingRuntime the TrainJob runs on (a torch runtime: it sets PET_*).",
+    )
     runner_image: str | None = Field(
         default=None, description="runner mode: an image with the Actions runner in /home/runner (required)."
     )

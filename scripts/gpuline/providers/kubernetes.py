@@ -1,4 +1,6 @@
-"""Kubernetes through the official client: a lease is a Job (or a PyTorchJob) the cluster ends at the TTL.
+"""Kubernetes through the official client: a lease is a workload the cluster ends at the TTL: a Job, or
+for more than one node the engine the cluster runs (a Kubeflow TrainJob or PyTorchJob, else an Indexed
+Job with a headless Service; :mod:`gpuline.providers.k8s_workloads` has the kinds side by side).
 
 What is created carries gpuline labels (``gpuline/run-id``, ``gpuline/lease-id``, ``gpuline/managed``,
 ``gpuline/expires-at`` as epoch seconds) and the full tags as annotations, so ``list_owned`` finds it
@@ -15,35 +17,42 @@ from pathlib import Path
 from typing import Any
 
 from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
+from gpuline.providers import k8s_queue
 from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState
 from gpuline.providers.k8s_errors import as_error, status_of
-from gpuline.providers.k8s_follow import Followed, JobFollower
+from gpuline.providers.k8s_follow import Followed, WorkloadFollower
 from gpuline.providers.k8s_manifests import (
+    Engine,
     KubernetesOptions,
     build_manifests,
     describe_command,
     label_key,
 )
-from gpuline.providers.k8s_objects import (
-    completion_index,
-    is_ours,
-    job_id,
-    launched_at,
-    owner_reference,
+from gpuline.providers.k8s_objects import is_ours, job_id, launched_at, owner_reference, raw_json
+from gpuline.providers.k8s_workloads import (
+    CUSTOM,
+    PYTORCHJOB,
+    TRAINJOB,
+    WorkloadKind,
+    has_active_pods,
+    kind_of,
     parse_id,
-    raw_json,
+    pod_rank,
+    workload_end,
 )
 from gpuline.providers.options import parse_options
 from gpuline.providers.testhooks import pause_at
 from gpuline.runs import utcnow
 
 _MANAGED = f"{label_key(TAG_MANAGED)}=true"
-_KUBEFLOW = ("kubeflow.org", "v1", "pytorchjobs")
+# auto: the first engine whose API the cluster serves; an Indexed Job needs nothing installed.
+_ENGINES: tuple[tuple[Engine, WorkloadKind], ...] = (("trainjob", TRAINJOB), ("pytorchjob", PYTORCHJOB))
+_RUNTIMES = ("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes")
 
 
 class KubernetesProvider:
     name = "kubernetes"
-    max_nodes = 64  # an Indexed Job (or a PyTorchJob) with a headless Service for the rendezvous
+    max_nodes = 64  # one TrainJob, PyTorchJob or Indexed Job (with a headless Service for the rendezvous)
 
     def __init__(self, project_dir: Path, options: dict[str, Any] | None = None) -> None:
         self.project_dir = project_dir
@@ -108,8 +117,10 @@ class KubernetesProvider:
 
     def provision(self, request: LeaseRequest) -> Machine:
         created_at = utcnow().isoformat(timespec="seconds")
-        use_pytorchjob = request.spec.resources.nodes > 1 and self._wants_pytorchjob()
-        manifests = build_manifests(request, self.options, created_at=created_at, use_pytorchjob=use_pytorchjob)
+        engine = self._engine() if request.spec.resources.nodes > 1 else "indexed-job"
+        if engine == "trainjob":
+            self._check_runtime()
+        manifests = build_manifests(request, self.options, created_at=created_at, engine=engine)
         workload, *rest = manifests
         created = self._create(workload)
         owner = owner_reference(created)
@@ -126,21 +137,40 @@ class KubernetesProvider:
         machine.lane = request.lane
         return machine
 
-    def _wants_pytorchjob(self) -> bool:
+    def _engine(self) -> Engine:
+        """What runs a multi-node lease: the option, or (``auto``) what the cluster's API discovery serves."""
         choice = self.options.multi_node
         if choice != "auto":
-            return choice == "pytorchjob"
-        return self._has_pytorchjob_crd()
+            return choice
+        return next((engine for engine, kind in _ENGINES if self._serves(kind)), "indexed-job")
 
-    def _has_pytorchjob_crd(self) -> bool:
-        group, version, plural = _KUBEFLOW
+    def _serves(self, kind: WorkloadKind) -> bool:
+        """Whether the API server serves ``kind`` (its CRD is installed): the group version's discovery."""
+        group, version, plural = _api(kind)
         try:
             resources = self._custom().get_api_resources(group, version)
         except Exception as exc:
             if status_of(exc) in (404, 403):
                 return False
-            raise as_error(exc, "looking for the Kubeflow PyTorchJob CRD") from None
+            raise as_error(exc, f"looking for the {kind.kind} CRD ({group}/{version})") from None
         return any(r.name == plural for r in (resources.resources or []))
+
+    def _check_runtime(self) -> None:
+        """Fail before the lease's workload exists when the TrainJob's runtime does not: the Trainer
+        would only mark it failed later. Unknowable without read access to runtimes: then not checked."""
+        group, version, plural = _RUNTIMES
+        name = self.options.runtime
+        try:
+            self._custom().get_cluster_custom_object(group, version, plural, name, _preload_content=False)
+        except Exception as exc:
+            if status_of(exc) == 404:
+                raise ConfigError(
+                    f"the cluster has no ClusterTrainingRuntime {name!r} for the TrainJob",
+                    hint="install Kubeflow Trainer's runtimes (torch-distributed), name another with "
+                    "resources.options.runtime, or set multi_node: pytorchjob or indexed-job",
+                ) from None
+            if status_of(exc) != 403:
+                raise as_error(exc, f"reading ClusterTrainingRuntime {name}") from None
 
     def _create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         kind, ns = manifest["kind"], manifest["metadata"]["namespace"]
@@ -151,8 +181,10 @@ class KubernetesProvider:
                 made = self._core().create_namespaced_service(ns, manifest)
             elif kind == "Secret":
                 made = self._core().create_namespaced_secret(ns, manifest)
-            elif kind == "PyTorchJob":
-                group, version, plural = _KUBEFLOW
+            elif kind == "PodGroup":  # scheduler: volcano (k8s_queue)
+                return k8s_queue.create_podgroup(self, manifest)
+            elif kind in (k.kind for k in CUSTOM):
+                group, version, plural = _api(kind_of(manifest))
                 return raw_json(
                     self._custom().create_namespaced_custom_object(
                         group, version, ns, plural, manifest, _preload_content=False
@@ -173,23 +205,45 @@ class KubernetesProvider:
         kind, ns, name = parse_id(instance_id)
         obj = self._read(kind, ns, name)
         if obj is None:
-            raise NotFoundError(f"kubernetes {kind} {ns}/{name} does not exist")
+            raise NotFoundError(f"kubernetes {kind.kind} {ns}/{name} does not exist")
         return self._machine(obj)
 
-    def _read(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+    def _read(self, kind: WorkloadKind, ns: str, name: str) -> dict[str, Any] | None:
         try:
-            if kind == "job":
+            if kind.api is None:
                 obj = self._batch().read_namespaced_job(name, ns)
                 body: dict[str, Any] = self.api.sanitize_for_serialization(obj)
                 return body
-            group, version, plural = _KUBEFLOW
+            group, version, plural = kind.api
             return raw_json(
                 self._custom().get_namespaced_custom_object(group, version, ns, plural, name, _preload_content=False)
             )
         except Exception as exc:
             if status_of(exc) == 404:
                 return None
-            raise as_error(exc, f"reading {kind} {ns}/{name}") from None
+            raise as_error(exc, f"reading {kind.kind} {ns}/{name}") from None
+
+    def list_workloads(self, kind: WorkloadKind, ns: str) -> tuple[list[dict[str, Any]], str | None]:
+        """Every ``kind`` in ``ns`` and the list's resource version (where a watch starts from)."""
+        try:
+            if kind.api is None:
+                listing = self.batch_api().list_namespaced_job(ns)
+                items = [self.api.sanitize_for_serialization(i) for i in listing.items]
+                return items, (listing.metadata.resource_version if listing.metadata else None)
+            group, version, plural = kind.api
+            body = raw_json(
+                self._custom().list_namespaced_custom_object(group, version, ns, plural, _preload_content=False)
+            )
+        except Exception as exc:
+            raise as_error(exc, f"listing {kind.kind}s in {ns}") from None
+        return list(body.get("items") or []), (body.get("metadata") or {}).get("resourceVersion")
+
+    def watch_call(self, kind: WorkloadKind, ns: str) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """The list call (and its leading arguments) that the client's watch streams ``kind`` through."""
+        if kind.api is None:
+            return self.batch_api().list_namespaced_job, (ns,)
+        group, version, plural = kind.api
+        return self._custom().list_namespaced_custom_object, (group, version, ns, plural)
 
     def release(self, instance_id: str) -> bool:
         kind, ns, name = parse_id(instance_id)
@@ -199,29 +253,40 @@ class KubernetesProvider:
             pause_at("release")
             self._delete(kind, ns, name)
         # What hangs off the workload goes too, even where garbage collection would (or never will) do it.
-        self._delete("service", ns, name)
-        self._delete("secret", ns, f"{name}-jit")
+        self._delete_owned("service", ns, name)
+        self._delete_owned("secret", ns, f"{name}-jit")
+        if self.options.scheduler == "volcano":  # only then may the cluster have (and let us delete) PodGroups
+            k8s_queue.delete_podgroup(self, ns, name)
         return was_live
 
-    def _delete(self, kind: str, ns: str, name: str) -> bool:
+    def _delete(self, kind: WorkloadKind, ns: str, name: str) -> bool:
         from kubernetes import client
 
-        # Background propagation: the Job's pods are deleted too, not orphaned (the API's old default).
+        # Background propagation: the workload's pods are deleted too, not orphaned (the API's old default).
         options = client.V1DeleteOptions(propagation_policy="Background")
         try:
-            if kind == "job":
+            if kind.api is None:
                 self._batch().delete_namespaced_job(name, ns, body=options)
-            elif kind == "service":
-                self._core().delete_namespaced_service(name, ns)
-            elif kind == "secret":
-                self._core().delete_namespaced_secret(name, ns)
             else:
-                group, version, plural = _KUBEFLOW
+                group, version, plural = kind.api
                 self._custom().delete_namespaced_custom_object(group, version, ns, plural, name, body=options)
         except Exception as exc:
             if status_of(exc) == 404:
                 return False
-            raise as_error(exc, f"deleting {kind} {ns}/{name}") from None
+            raise as_error(exc, f"deleting {kind.kind} {ns}/{name}") from None
+        return True
+
+    def _delete_owned(self, what: str, ns: str, name: str) -> bool:
+        """A Service or Secret of the lease; gone already (or never made) is fine."""
+        try:
+            if what == "service":
+                self._core().delete_namespaced_service(name, ns)
+            else:
+                self._core().delete_namespaced_secret(name, ns)
+        except Exception as exc:
+            if status_of(exc) == 404:
+                return False
+            raise as_error(exc, f"deleting {what} {ns}/{name}") from None
         return True
 
     def list_owned(self) -> list[Machine]:
@@ -233,12 +298,13 @@ class KubernetesProvider:
             if status_of(exc) != 404:
                 raise as_error(exc, f"listing Jobs in {ns}") from None
             objs = []
-        objs += self._list_pytorchjobs(ns)
+        for kind in CUSTOM:
+            objs += self._list_custom(kind, ns)
         machines = [self._machine(o) for o in objs if is_ours(o)]
         return [m for m in machines if m.state != "terminated"]
 
-    def _list_pytorchjobs(self, ns: str) -> list[dict[str, Any]]:
-        group, version, plural = _KUBEFLOW
+    def _list_custom(self, kind: WorkloadKind, ns: str) -> list[dict[str, Any]]:
+        group, version, plural = _api(kind)
         try:
             body = raw_json(
                 self._custom().list_namespaced_custom_object(
@@ -248,14 +314,14 @@ class KubernetesProvider:
         except Exception as exc:
             if status_of(exc) in (404, 403):
                 return []  # the CRD is not installed (or we may not see it): nothing of ours there
-            raise as_error(exc, f"listing PyTorchJobs in {ns}") from None
+            raise as_error(exc, f"listing {kind.kind}s in {ns}") from None
         items: list[dict[str, Any]] = body.get("items", [])
         return items
 
     # ------------------------------------------------------------ logs
 
     def pods(self, instance_id: str) -> list[dict[str, Any]]:
-        """The lease's pods, ordered by completion index (pod 0 first)."""
+        """The lease's pods, ordered by node rank (pod 0, the rendezvous host that commits, first)."""
         kind, ns, name = parse_id(instance_id)
         obj = self._read(kind, ns, name)
         lease = ((obj or {}).get("metadata", {}).get("labels") or {}).get(label_key(TAG_LEASE_ID))
@@ -269,7 +335,7 @@ class KubernetesProvider:
             raise as_error(exc, f"listing pods of {name}") from None
         pods = [self.api.sanitize_for_serialization(p) for p in found.items]
         pods = [p for p in pods if (p.get("metadata", {}).get("labels") or {}).get(label_key(TAG_LEASE_ID)) == lease]
-        return sorted(pods, key=completion_index)
+        return sorted(pods, key=pod_rank)
 
     def stream_logs(self, instance_id: str, write: Callable[[str], None], *, follow: bool = True) -> int:
         """Copy the logs of the lease's first pod (the rendezvous host) to ``write``, line by line;
@@ -290,8 +356,8 @@ class KubernetesProvider:
         return self._log_lines(ns, pod, follow=follow, text_only=True)
 
     def follow(self, instance_id: str, write_log: Callable[[str], None]) -> Followed:
-        """Watch a train-mode Job until it ends, copying pod 0's log to ``write_log``."""
-        return JobFollower(self, instance_id, write_log).follow()
+        """Watch a train-mode workload (Job, TrainJob, PyTorchJob) until it ends, copying pod 0's log."""
+        return WorkloadFollower(self, instance_id, write_log).follow()
 
     def _log_lines(self, ns: str, pod: str, *, follow: bool, text_only: bool = False) -> Iterator[str]:
         try:
@@ -324,7 +390,7 @@ class KubernetesProvider:
         if TAG_EXPIRES_AT not in tags and labels.get(label_key(TAG_EXPIRES_AT), "").isdigit():
             expires = datetime.fromtimestamp(int(labels[label_key(TAG_EXPIRES_AT)]), tz=utcnow().tzinfo)
             tags[TAG_EXPIRES_AT] = expires.isoformat()
-        kind = "job" if obj.get("kind", "Job") == "Job" else "pytorchjob"
+        kind = kind_of(obj).key
         return Machine(
             instance_id=f"{kind}/{meta.get('namespace', self.options.namespace)}/{meta.get('name', '')}",
             provider=self.name,
@@ -336,16 +402,17 @@ class KubernetesProvider:
 
     @staticmethod
     def _state(obj: dict[str, Any]) -> MachineState:
-        status = obj.get("status") or {}
-        for condition in status.get("conditions") or []:
-            kind = condition.get("type")
-            if kind in ("Complete", "Failed", "Succeeded") and condition.get("status") == "True":
-                return "terminated"
+        if workload_end(obj) is not None:
+            return "terminated"
         if obj.get("metadata", {}).get("deletionTimestamp"):
             return "stopping"
-        if (status.get("active") or 0) > 0:
-            return "running"
-        return "pending"
+        return "running" if has_active_pods(obj) else "pending"
+
+
+def _api(kind: WorkloadKind) -> tuple[str, str, str]:
+    if kind.api is None:  # pragma: no cover - only custom kinds are asked for
+        raise InfraError(f"{kind.kind} is not a custom resource")
+    return kind.api
 
 
 __all__ = ["KubernetesProvider", "job_id"]
