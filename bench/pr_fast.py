@@ -38,7 +38,8 @@ _STEP = re.compile(
 )
 _GO_UNIT = re.compile(r"([0-9.]+)(h|ms|µs|m|s)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "µs": 1e-6}
-# The composite actions' steps that install, and the steps that run a gpuline command.
+# The composite actions' steps that install (a job's own "Set up gpuline" step wraps these two, so
+# it is not counted again), and the steps that run a gpuline command.
 _INSTALL = ("Set up uv", "Install gpuline")
 _PHASES = {
     "gpuline cost-estimate": "estimate",
@@ -58,6 +59,16 @@ def step_seconds(log: str) -> list[tuple[str, float]]:
     return [(m["step"], go_seconds(m["took"])) for m in found if m]
 
 
+def preflight_phases(log: str) -> dict[str, float]:
+    """Preflight's own line, "preflight phases: policy 0.01 s, ..., smoke 3.20 s", prefixed by act."""
+    for line in log.splitlines():
+        _, found, rest = line.partition("preflight phases: ")
+        if found:
+            pairs = (part.rsplit(" ", 2) for part in rest.strip().split(", "))
+            return {f"preflight {name}": float(value) for name, value, _unit in pairs}
+    return {}
+
+
 def phases(log: str, wall: float) -> dict[str, float]:
     """Seconds per phase; a composite action's line includes its inner steps, so only leaves count."""
     out = dict.fromkeys(("install", "estimate", "preflight", "comment"), 0.0)
@@ -67,7 +78,7 @@ def phases(log: str, wall: float) -> dict[str, float]:
         elif step in _PHASES:
             out[_PHASES[step]] += took
     out["other"] = max(0.0, wall - sum(out.values()))
-    return out
+    return {**out, **preflight_phases(log)}
 
 
 def one_run(act: Act, repo: Path, event: Path, cache: Path) -> tuple[float, dict[str, float]]:
@@ -78,19 +89,28 @@ def one_run(act: Act, repo: Path, event: Path, cache: Path) -> tuple[float, dict
     took = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"pr-fast failed under act:\n{result.log[-4000:]}")
+    if os.environ.get("BENCH_STEPS"):
+        for step, seconds in step_seconds(result.log):
+            print(f"  {seconds:6.2f} s  {step}")
     return took, phases(result.log, took)
 
 
 def print_phases(name: str, runs: list[dict[str, float]]) -> None:
     keys = list(runs[0])
-    cells = "  ".join(f"{k} {statistics.median(r[k] for r in runs):5.1f} s" for k in keys)
-    print(f"{name:5} {cells}")
+    top = [k for k in keys if not k.startswith("preflight ")]
+    inner = [k for k in keys if k.startswith("preflight ")]
+    for group in (top, inner):
+        cells = "  ".join(f"{k} {statistics.median(r.get(k, 0.0) for r in runs):5.1f} s" for k in group)
+        print(f"{name:5} {cells}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", action="store_true", help="also print every step of each run with its seconds")
     args = parser.parse_args()
+    if args.steps:
+        os.environ["BENCH_STEPS"] = "1"
     cold: list[float] = []
     warm: list[float] = []
     cold_phases: list[dict[str, float]] = []

@@ -236,7 +236,9 @@ _NETWORK_ENV = (
 )
 
 
-def _install(tmp_path: Path, extras: str = "", path: str | None = None) -> subprocess.CompletedProcess[str]:
+def _install(
+    tmp_path: Path, extras: str = "", path: str | None = None, source: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
     (tmp_path / "out").write_text("")
     (tmp_path / "path").write_text("")
     env = {
@@ -249,7 +251,7 @@ def _install(tmp_path: Path, extras: str = "", path: str | None = None) -> subpr
         # The machine's own network settings (certificates, proxies, package indexes) stay, as on a runner.
         **{k: v for k, v in os.environ.items() if k.startswith(_NETWORK_ENV)},
     }
-    script = ROOT / "actions/setup/install.sh"
+    script = source / "actions/setup/install.sh"
     return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -269,6 +271,28 @@ def test_setup_installs_into_its_own_venv_and_puts_only_gpuline_on_path(tmp_path
     # A second install in the same job is a no-op.
     again = _install(tmp_path)
     assert again.returncode == 0 and "already installed" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_second_checkout_of_the_same_gpuline_installs_nothing_and_a_changed_one_reinstalls(tmp_path: Path) -> None:
+    # Each action of one commit can come as its own checkout (act does this): same content, same install.
+    copies = [tmp_path / "actions-a", tmp_path / "actions-b"]
+    for copy in copies:
+        for part in ("pyproject.toml", "README.md", "scripts", "trainer", "templates", "docs", "actions/setup"):
+            (copy / part).parent.mkdir(parents=True, exist_ok=True)
+            if (ROOT / part).is_dir():
+                shutil.copytree(ROOT / part, copy / part)
+            else:
+                shutil.copy(ROOT / part, copy / part)
+    first = _install(tmp_path, source=copies[0])
+    assert first.returncode == 0 and "Installing gpuline" in first.stdout, first.stdout + first.stderr
+    second = _install(tmp_path, source=copies[1])
+    assert second.returncode == 0 and "already installed" in second.stdout, second.stdout + second.stderr
+    # A different gpuline (one changed module) is a different install, though it lies where the first did.
+    module = copies[1] / "scripts/gpuline/__init__.py"
+    module.write_text(module.read_text() + "\n# changed\n")
+    third = _install(tmp_path, source=copies[1])
+    assert third.returncode == 0 and "Installing gpuline" in third.stdout, third.stdout + third.stderr
 
 
 def test_setup_rejects_extras_that_are_not_names(tmp_path: Path) -> None:

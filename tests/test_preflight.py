@@ -35,6 +35,20 @@ def test_a_good_project_passes_and_records_the_smoke_step_time(
     assert run["smoke_step_s"] is not None and run["smoke_step_s"] > 0
 
 
+def test_preflight_reports_the_seconds_of_each_of_its_phases(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["preflight", "--config", str(project), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    took = json.loads(out)["phase_seconds"]
+    phases = ["policy", "resources", "secrets", "dataset", "cuda", "entrypoint", "smoke"]
+    assert list(took) == phases
+    assert all(isinstance(v, float) and v >= 0 for v in took.values())
+    # The smoke test starts the project's script: it always takes some time, the policy check may not.
+    assert took["smoke"] > 0
+    line = next(line for line in err.splitlines() if line.startswith("preflight phases: "))
+    assert [part.split(" ")[0] for part in line.removeprefix("preflight phases: ").split(", ")] == phases
+
+
 def test_missing_secret_is_named_but_never_printed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -31,9 +31,13 @@ mkdir -p "$bin"
 # Every extra always includes github: the comment and runner steps need PyGithub.
 wanted="github${extras:+,$extras}"
 stamp="$root/installed"
-key="$source_dir [$wanted] torch:${UV_TORCH_BACKEND:-default}"
+# Keyed by what gets installed, not by where it lies: two actions of one gpuline commit may sit in
+# two folders (each action's own checkout), and the second then installs nothing.
+source_hash="$(cd "$source_dir" && find pyproject.toml scripts trainer templates -type f ! -name '*.pyc' -print0 2>/dev/null |
+  LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)"
+key="gpuline@$source_hash [$wanted] torch:${UV_TORCH_BACKEND:-default}"
 if [ -x "$venv/bin/gpuline" ] && [ -f "$stamp" ] && grep -qxF -- "$key" "$stamp"; then
-  echo "gpuline already installed from $source_dir with [$wanted]"
+  echo "gpuline already installed ($source_hash, from $source_dir) with [$wanted]"
 else
   echo "::group::Installing gpuline[$wanted] from $source_dir"
   if command -v uv >/dev/null 2>&1; then

@@ -37,6 +37,7 @@ class PreflightResult(StepResult):
     checks: list[tuple[str, str]]
     smoke_step_s: float | None
     evaluates: bool = False  # eval.command is set: eval-gate and verify run the project's code
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per check group
     command: str = field(init=False, default="preflight")
 
     def to_json(self) -> dict[str, Any]:
@@ -45,6 +46,7 @@ class PreflightResult(StepResult):
             "verdict": "pass",
             "checks": dict(self.checks),
             "smoke_step_s": self.smoke_step_s,
+            "phase_seconds": self.phase_seconds,
         }
 
     def outputs(self) -> dict[str, object]:

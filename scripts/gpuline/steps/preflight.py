@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,29 +36,53 @@ def preflight(ctx: Context) -> PreflightResult:
     record = ctx.ensure_run()
     spec = ctx.spec  # as the run's tier runs it
     rows: list[tuple[str, str]] = [("schema", f"`{ctx.config_path}` and policy are valid"), ("backends", backends)]
+    took: dict[str, float] = {}
+    phase = _phases(took)
     with recorded(ctx, "preflight"):
-        with gha.group("preflight: policy"):
+        with phase("policy"):
             rows.append(("policy", check_tier_rules(ctx, spec)))
-        with gha.group("preflight: resources"):
+        with phase("resources"):
             rows.append(("resources", check_resources(ctx, spec)))
+            rows.append(("gpu slices", check_gpu_slices(ctx)))
             rows.append(("pricing", check_pricing(ctx)))
             rows.append(("steps", check_steps(ctx)))
-        with gha.group("preflight: secrets"):
+        with phase("secrets"):
             rows.append(("secrets", check_secrets(ctx, spec)))
-        with gha.group("preflight: dataset"):
+        with phase("dataset"):
             rows.append(("dataset", check_dataset(ctx, spec)))
-        with gha.group("preflight: CUDA / torch / driver"):
+        with phase("cuda", "CUDA / torch / driver"):
             rows.append(("cuda", check_compat(spec)))
-        with gha.group("preflight: entrypoint"):
+        with phase("entrypoint"):
             rows.append(("entrypoint", check_entrypoint(ctx, spec)))
             rows += check_hooks(ctx, spec)
-        with gha.group("preflight: one-batch overfit smoke test (CPU)"):
+        with phase("smoke", "one-batch overfit smoke test (CPU)"):
             smoke_line, step_s, metrics = smoke(ctx, spec, record)
             rows.append(("smoke test", smoke_line))
             rows.append(("gate metrics", check_gate_metrics(ctx, spec, metrics)))
+    # Where a reviewer's wait goes, on stderr and in --json: the PR tier's own time is measured too.
+    print("preflight phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()), file=sys.stderr)
     return PreflightResult(
-        run_id=record.run_id, checks=rows, smoke_step_s=step_s, evaluates=spec.eval.command is not None
+        run_id=record.run_id,
+        checks=rows,
+        smoke_step_s=step_s,
+        evaluates=spec.eval.command is not None,
+        phase_seconds=took,
     )
+
+
+def _phases(took: dict[str, float]) -> Callable[..., AbstractContextManager[None]]:
+    """A log group per phase that also keeps its wall seconds in ``took`` under ``key``."""
+
+    @contextmanager
+    def phase(key: str, title: str | None = None) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            with gha.group(f"preflight: {title or key}"):
+                yield
+        finally:
+            took[key] = round(time.perf_counter() - started, 3)
+
+    return phase
 
 
 def check_tier_rules(ctx: Context, spec: Spec) -> str:
@@ -98,6 +125,57 @@ def check_resources(ctx: Context, spec: Spec) -> str:
             exc.location = _where(ctx, tier, "resources", "nodes")
             raise
     return f"{spec.resources.nodes} node(s) on {spec.resources.provider}"
+
+
+def check_gpu_slices(ctx: Context) -> str:
+    """A MIG slice in ``resources.gpu_type`` (``a100-mig-1g.5gb``) in any tier: a well-formed profile,
+    on the kubernetes provider, and advertised by a node of the cluster when its API can tell (it is
+    reachable and lets us list nodes). A pod asking for a profile no node has would wait forever."""
+    from gpuline.providers import k8s_gpu
+    from gpuline.providers.kubernetes import KubernetesProvider
+
+    checked: dict[str, str] = {}
+    for tier in dict.fromkeys((ctx.tier, *TIERS)):
+        res = ctx.base_spec.for_tier(tier).resources
+        if not k8s_gpu.is_mig(res.gpu_type) or res.gpu_type in checked:
+            continue
+        try:
+            mig = k8s_gpu.parse_mig(res.gpu_type)
+            if res.provider != "kubernetes":
+                raise ConfigError(
+                    f"MIG slice {res.gpu_type!r} on the {res.provider} provider: slices are a Kubernetes resource",
+                    hint=f"use provider: kubernetes, or a whole GPU ({mig.card if mig else 'a100'})",
+                )
+            if res.gpu_count == 0:
+                raise ConfigError(
+                    f"resources.gpu_count is 0, so the pods would ask for no {res.gpu_type} slice",
+                    location=_where(ctx, tier, "resources", "gpu_count"),
+                    hint="set resources.gpu_count to the number of slices each pod needs (1, usually)",
+                )
+            checked[res.gpu_type] = _slice_offered(res.gpu_type, KubernetesProvider(ctx.project_dir, res.options))
+        except ConfigError as exc:
+            field = "options" if str(exc.message).startswith("resources.options") else "gpu_type"
+            exc.location = exc.location or _where(ctx, tier, "resources", field)
+            raise
+    return "; ".join(f"{gpu}: {note}" for gpu, note in checked.items()) or "whole GPUs only"
+
+
+def _slice_offered(gpu_type: str, provider: Any) -> str:
+    from gpuline.providers import k8s_gpu
+
+    if provider.options.mig_strategy == "single":
+        return "requested as nvidia.com/gpu (mig_strategy: single); node_selector picks the nodes"
+    offered = k8s_gpu.cluster_offers(provider)
+    if offered is None:
+        return "not checked (the cluster's nodes could not be listed from here)"
+    problem = k8s_gpu.missing_profile(gpu_type, offered)
+    if problem is not None:
+        mig = k8s_gpu.parse_mig(gpu_type)
+        others = sorted(r.removeprefix(k8s_gpu.MIG_RESOURCE_PREFIX) for r in offered)
+        card = mig.card if mig else "a100"
+        fix = f"set resources.gpu_type to {card}-mig-{others[0]}" if others else "use a whole GPU"
+        raise ConfigError(problem, hint=f"{fix}, or have the cluster's MIG configuration offer it")
+    return f"{offered[k8s_gpu.gpu_resource(gpu_type)]} slice(s) advertised by the cluster's nodes"
 
 
 def check_backends(ctx: Context) -> str:
