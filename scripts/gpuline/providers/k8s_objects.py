@@ -6,7 +6,6 @@ import json
 from datetime import datetime
 from typing import Any
 
-from gpuline.errors import NotFoundError
 from gpuline.providers.base import TAG_MANAGED
 from gpuline.providers.k8s_manifests import label_key, object_name
 
@@ -38,12 +37,6 @@ def parse_time(raw: Any) -> datetime | None:
         return None
 
 
-def completion_index(pod: dict[str, Any]) -> int:
-    annotations = pod.get("metadata", {}).get("annotations") or {}
-    raw = annotations.get("batch.kubernetes.io/job-completion-index", "0")
-    return int(raw) if str(raw).isdigit() else 0
-
-
 def owner_reference(obj: dict[str, Any]) -> dict[str, Any] | None:
     meta = obj.get("metadata", {})
     if not meta.get("uid"):
@@ -55,16 +48,6 @@ def owner_reference(obj: dict[str, Any]) -> dict[str, Any] | None:
         "uid": meta["uid"],
         "blockOwnerDeletion": False,
     }
-
-
-def parse_id(instance_id: str) -> tuple[str, str, str]:
-    parts = instance_id.split("/")
-    if len(parts) != 3 or parts[0] not in ("job", "pytorchjob") or not all(parts):
-        raise NotFoundError(
-            f"{instance_id!r} is not a kubernetes instance id",
-            hint="ids look like job/NAMESPACE/NAME (see `gpuline status`)",
-        )
-    return parts[0], parts[1], parts[2]
 
 
 def job_id(namespace: str, lease_id: str) -> str:
