@@ -9,6 +9,16 @@ history, and how often the run finished within p90.
 
     python bench/estimate.py                       # 120 runs, +0.4% per run, 6% noise, 5% slow runs
     python bench/estimate.py --trend 0 --noise 0.15
+
+``--no-history`` scores the estimate a first run gets instead (no ledger history: the smoke test's
+timings and the catalog), against whole runs really made: for the reference example and a second,
+differently shaped project (``bench/projects/wide-mlp``: a heavier data load, costlier steps,
+checkpoints every 20 steps, eval.command), at several step counts, each in a fresh copy with an
+empty ledger, ``gpuline run --tier nightly`` on the local provider. Prints the p50's error against
+the paid seconds the run held its machine (provisioned to released) and how often p90 covered it.
+
+    python bench/estimate.py --no-history                  # 3 step counts x 3 runs, 10 at the middle
+    python bench/estimate.py --no-history --repeats 1 --coverage-repeats 1
 """
 
 from __future__ import annotations
@@ -105,11 +115,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--smoke-error", type=float, default=0.7, help="smoke estimate / true pace")
     p.add_argument("--max-duration", type=int, default=4 * 3600)
+    p.add_argument("--no-history", action="store_true", help="score first-run estimates against real runs")
+    p.add_argument("--repeats", type=int, default=3, help="--no-history: runs per project and step count")
+    p.add_argument("--coverage-repeats", type=int, default=10, help="--no-history: runs at the middle step count")
+    p.add_argument("--projects", nargs="+", default=["example", "wide-mlp"], choices=["example", "wide-mlp"])
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.no_history:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import no_history
+
+        return no_history.main(args)
     durations = synthetic(args)
     with tempfile.TemporaryDirectory() as tmp:
         predictions = replay(args, durations, Path(tmp))

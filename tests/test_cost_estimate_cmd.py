@@ -105,9 +105,14 @@ def test_an_allowed_nightly_run_reserves_its_worst_case(
     comment = Path(outputs["comment-path"]).read_text()
     assert comment.splitlines()[0] == COMMENT_MARKER
     assert "training time p50–p90 (upper bound)" in comment
+    assert "| train | 1.00 h | 1.00 h | max_duration |" in comment
+    assert "| boot | 2.5 min | 5.0 min | catalog: ec2, on-demand lane |" in comment
     assert f"team vision USD left ({this_period()}) | $10.00 → ${10 - est['usd_cap']:.2f}" in comment
     record = ledger_of(config).get_run(body["run_id"])
-    assert record.estimated_seconds == pytest.approx(3840) and record.estimated_usd == est["usd_p90"]
+    # The lease's expected length is the whole paid p50: start-up, the hour, and the phases after it.
+    paid = sum(p["p50_s"] for p in est["duration"]["phases"] if p["paid"])
+    assert 3840 < paid < 3900 and record.estimated_seconds == pytest.approx(paid, abs=0.1)
+    assert record.estimated_usd == est["usd_p90"]
 
 
 def test_no_reserve_only_estimates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -196,7 +201,9 @@ def test_history_of_the_same_config_drives_the_estimate(tmp_path: Path, capsys: 
     assert code == 0
     duration = body["estimate"]["duration"]
     assert duration["basis"] == "history" and duration["runs"] == 4
-    assert duration["p50_s"] == pytest.approx(21.5 * 60) and duration["startup_s"] == pytest.approx(240)
+    # First step 3 min after provisioning (setup, with boot inside it), 1 min from the last step to release.
+    assert duration["p50_s"] == pytest.approx(21.5 * 60) and duration["startup_s"] == pytest.approx(180)
+    assert {p["name"]: p["evidence"] for p in duration["phases"]}["idle"] == "history n=4"
     comment = Path(body["comment_path"]).read_text()
     assert "| estimate basis | from the last 4 finished runs of this config" in comment
 
@@ -222,8 +229,10 @@ def test_the_pr_comment_compares_head_with_base(tmp_path: Path, capsys: pytest.C
     assert code == 0 and body["base"]["max_duration_s"] == 3600
     comment = Path(body["comment_path"]).read_text()
     assert "| | base | this PR | change |" in comment
-    # (7200 + 240) / (3600 + 240) - 1 = +94% in dollars and GPU-hours, +100% in training time.
-    assert "| cost p50–p90 | $0.56 | $1.09 | +94% |" in comment
+    # (7200 + 270) / (3600 + 270) - 1 = +93% in dollars and paid time: the start-up and the phases after
+    # training (4.5 min at p50) stay, the training time doubles (+100%).
+    assert "| cost p50–p90 | $0.57–$0.62 | $1.09–$1.15 | +93% |" in comment
+    assert "| paid time p50–p90 (upper bound) | 64.5–70.8 min | 124.5–130.8 min | +93% |" in comment
     assert "| training time p50–p90 (upper bound) | 60.0 min | 120.0 min | +100% |" in comment
 
 
@@ -287,7 +296,8 @@ def test_teardown_replaces_the_hold_with_what_the_run_cost(tmp_path: Path, capsy
     assert code == 0 and body["reserved"]
     run_id = body["run_id"]
     ledger = ledger_of(config)
-    assert ledger.usage("vision", this_period()).held_gpu_hours == pytest.approx(600 / 3600, abs=1e-4)
+    startup = body["estimate"]["duration"]["startup_s"]  # the catalog's local setup, under a second
+    assert ledger.usage("vision", this_period()).held_gpu_hours == pytest.approx((600 + startup) / 3600, abs=1e-4)
     assert main(["provision", "--config", str(config), "--run-id", run_id, "--json"]) == 0
     assert main(["teardown", "--config", str(config), "--run-id", run_id, "--json"]) == 0
     capsys.readouterr()

@@ -8,8 +8,9 @@ The duration comes from the best evidence at hand, and always says which it used
    catalog's CPU-to-GPU speed ratio;
 3. ``max_duration``: the spec's hard stop, labelled as an upper bound.
 
-A lease is billed from the machine starting, not from the first step, so the estimate adds the
-start-up time: measured from history when there is some, else the provider's ``startup_s``.
+That is the training phase. A lease is billed from the machine starting to its release, so the
+estimate adds every other paid phase (boot, setup, checkpoints, eval, idle, teardown; see
+:mod:`gpuline.decisions.phases`), each from its own best evidence, and prices the whole paid time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from gpuline.decisions.phases import BEFORE_TRAINING, Evidence, PhaseEstimate, SmokeTimings, estimate_phases
+from gpuline.decisions.phases import expected_error as stated_error
+from gpuline.decisions.phases import total as phases_total
 from gpuline.decisions.pricing import Catalog, Instance
+from gpuline.errors import InputError
 from gpuline.runs import Ledger, RunRecord
 from gpuline.spec import Spec
 
@@ -38,7 +43,7 @@ STEP_KEYS = ("steps", "max_steps", "train_steps", "total_steps")
 
 @dataclass
 class DurationEstimate:
-    """Training wall time (first step to last step), plus the billed start-up before it."""
+    """Training wall time (first step to last step), the start-up before it, and every paid phase."""
 
     p50_s: float
     p90_s: float
@@ -46,12 +51,29 @@ class DurationEstimate:
     runs: int = 0
     note: str = ""
     startup_s: float = 0.0
+    """Paid before the first step (boot + setup, p50): added to max_duration for the most a run may cost."""
     startup_note: str = ""
     trend_pct_per_run: float | None = None
+    phases: list[PhaseEstimate] = field(default_factory=list)
+    expected_error: float | None = None
+    """The stated error of the paid p50 when training has no history (a fraction); None with history."""
+    dataset_bytes: int | None = None
+    """Pulled onto the machine once per node per run (egress from the store)."""
+    checkpoint_bytes: int | None = None
+    """One checkpoint, as the smoke test saved it; checkpoint.keep of them stay in storage."""
 
     @property
     def upper_bound(self) -> bool:
         return self.basis == "max_duration"
+
+    @property
+    def paid_p50_s(self) -> float:
+        """The whole paid time on a typical run: every paid phase, or start-up + training without phases."""
+        return phases_total(self.phases)[0] if self.phases else self.startup_s + self.p50_s
+
+    @property
+    def paid_p90_s(self) -> float:
+        return phases_total(self.phases)[1] if self.phases else self.startup_s + self.p90_s
 
 
 @dataclass
@@ -76,11 +98,15 @@ class CostEstimate:
     billing_increment_s: int = 1
     billing_minimum_s: int = 0
     notes: list[str] = field(default_factory=list)
+    egress_usd: float = 0.0
+    """The dataset pulled onto the machines, per run (included in the dollars above)."""
+    storage_usd_month: float | None = None
+    """A month of the kept checkpoints in the store (included above); None when their size is unknown."""
 
     @property
     def lease_p50_s(self) -> float:
-        """Seconds the machine is expected to be held (start-up + training p50)."""
-        return self.duration.startup_s + self.duration.p50_s
+        """Seconds the machine is expected to be held: the whole paid time, p50."""
+        return self.duration.paid_p50_s
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,13 +186,63 @@ def estimate_duration(
     ledger: Ledger | None,
     smoke_step_s: float | None = None,
     catalog: Catalog | None = None,
+    *,
+    smoke: SmokeTimings | None = None,
+    dataset_bytes: int | None = None,
 ) -> DurationEstimate:
-    """p50/p90 training time from history, else from the smoke test, else the max duration (an upper bound)."""
-    max_s = float(spec.resources.max_duration)
-    samples: list[HistorySample] = []
+    """p50/p90 training time from history, else from the smoke test, else the max duration (an upper bound);
+    and around it every other paid phase, from the ledger, the smoke test's timings and the catalog."""
+    model_runs: list[RunRecord] = []
+    all_runs: list[RunRecord] = []
     if ledger is not None:
-        samples = history_samples(ledger.list_runs(model=spec.model.name, limit=500), spec.config_hash())
-    startup_s, startup_note = _startup(spec, catalog, samples)
+        model_runs = ledger.list_runs(model=spec.model.name, limit=500)
+        all_runs = ledger.list_runs(limit=500)
+    samples = history_samples(model_runs, spec.config_hash())
+    if smoke_step_s is None and smoke is not None:
+        smoke_step_s = smoke.step_s
+    d = _training(spec, samples, smoke_step_s, catalog)
+    evidence = Evidence(
+        smoke=smoke,
+        runs=_unique(model_runs + all_runs),
+        config_hash=spec.config_hash(),
+        instance_type=_instance_type(spec, catalog),
+        dataset_bytes=dataset_bytes,
+    )
+    train = PhaseEstimate("train", d.p50_s, d.p90_s, _train_evidence(d), d.note)
+    d.phases = estimate_phases(spec, catalog, train, d.basis, spec_steps(spec), evidence)
+    before = [p for p in d.phases if p.name in BEFORE_TRAINING]
+    d.startup_s = sum(p.p50_s for p in before)
+    d.startup_note = "; ".join(f"{p.name} {p.p50_s:,.1f} s ({p.evidence})" for p in before)
+    d.expected_error = stated_error(d.phases)
+    d.dataset_bytes = dataset_bytes
+    d.checkpoint_bytes = smoke.checkpoint_bytes if smoke else None
+    return d
+
+
+def _train_evidence(d: DurationEstimate) -> str:
+    return {"history": f"history n={d.runs}", "smoke": "smoke test", "max_duration": "max_duration"}[d.basis]
+
+
+def _unique(runs: list[RunRecord]) -> list[RunRecord]:
+    return list({r.run_id: r for r in runs}.values())
+
+
+def _instance_type(spec: Spec, catalog: Catalog | None) -> str:
+    """The instance the run will get, for learning its boot time; "" when the catalog cannot say."""
+    res = spec.resources
+    if catalog is None:
+        return res.instance_type or ""
+    try:
+        return catalog.choose(res.provider, res.gpu_type, res.gpu_count, res.instance_type, res.lane)[0]
+    except InputError:
+        return res.instance_type or ""
+
+
+def _training(
+    spec: Spec, samples: list[HistorySample], smoke_step_s: float | None, catalog: Catalog | None
+) -> DurationEstimate:
+    """The training phase alone (first step to last step)."""
+    max_s = float(spec.resources.max_duration)
     if len(samples) >= MIN_HISTORY:
         p50, p90, trend = from_history([s.training_s for s in samples])
         used = min(len(samples), HISTORY_WINDOW)
@@ -175,7 +251,7 @@ def estimate_duration(
             note += f" (trend {trend * 100:+.1f}% per run)"
         if p90 > max_s:
             note += "; capped at max_duration"
-        return DurationEstimate(min(p50, max_s), min(p90, max_s), "history", used, note, startup_s, startup_note, trend)
+        return DurationEstimate(min(p50, max_s), min(p90, max_s), "history", used, note, trend_pct_per_run=trend)
     steps = spec_steps(spec)
     factor, factor_note = _speed_factor(spec, catalog)
     if smoke_step_s is not None and smoke_step_s > 0 and steps is not None and factor is not None:
@@ -187,7 +263,7 @@ def estimate_duration(
         )
         if len(samples):
             note += f" ({len(samples)} finished run(s) so far, {MIN_HISTORY} needed)"
-        return DurationEstimate(p50, p90, "smoke", 0, note, startup_s, startup_note)
+        return DurationEstimate(p50, p90, "smoke", 0, note)
     missing = []
     if smoke_step_s is None:
         missing.append("no smoke-test step time (run `gpuline preflight` first)")
@@ -198,7 +274,7 @@ def estimate_duration(
     note = "upper bound (max_duration): no history for this config yet"
     if missing:
         note += "; " + "; ".join(missing)
-    return DurationEstimate(max_s, max_s, "max_duration", 0, note, startup_s, startup_note)
+    return DurationEstimate(max_s, max_s, "max_duration", 0, note)
 
 
 def _speed_factor(spec: Spec, catalog: Catalog | None) -> tuple[float | None, str]:
@@ -214,36 +290,29 @@ def _speed_factor(spec: Spec, catalog: Catalog | None) -> tuple[float | None, st
     return cpu / target, f" / {target / cpu:g} ({gpu} vs CPU speed from the catalog)"
 
 
-def _startup(spec: Spec, catalog: Catalog | None, samples: list[HistorySample]) -> tuple[float, str]:
-    overheads = [s.held_s - s.training_s for s in samples[-HISTORY_WINDOW:] if s.held_s is not None]
-    if len(overheads) >= MIN_HISTORY:
-        return statistics.median(overheads), f"median of {len(overheads)} past leases"
-    prices = catalog.providers.get(spec.resources.provider) if catalog else None
-    if prices is not None:
-        return float(prices.startup_s), f"catalog startup_s for {spec.resources.provider}"
-    return 0.0, "unknown (no catalog entry)"
-
-
 # ---------------------------------------------------------------- price
 
 
 def estimate(spec: Spec, catalog: Catalog, duration: DurationEstimate) -> CostEstimate:
+    """Dollars and GPU-hours of the whole paid time (p50, p90) and of the most max_duration allows,
+    plus the data the run moves and keeps (egress per run, a month of its kept checkpoints)."""
     res = spec.resources
     name, instance = catalog.choose(res.provider, res.gpu_type, res.gpu_count, res.instance_type, res.lane)
     billing = catalog.provider(res.provider).billing
     hourly = instance.hourly(res.lane)
     devices = device_count(instance, res.nodes)
-    startup = duration.startup_s
     notes: list[str] = []
     if res.lane == "spot" and not instance.has_spot():
         notes.append(f"{name} has no spot price in the catalog: priced on-demand")
+    egress, storage = data_costs(spec, catalog, duration)
 
-    def usd(seconds: float) -> float:
-        return round(billing.billed_seconds(startup + seconds) / 3600 * hourly * res.nodes, 4)
+    def usd(lease_s: float) -> float:
+        return round(billing.billed_seconds(lease_s) / 3600 * hourly * res.nodes + egress + (storage or 0.0), 4)
 
-    def gpu_hours(seconds: float) -> float:
-        return round((startup + seconds) / 3600 * devices, 4)
+    def gpu_hours(lease_s: float) -> float:
+        return round(lease_s / 3600 * devices, 4)
 
+    most_s = duration.startup_s + res.max_duration
     return CostEstimate(
         provider=res.provider,
         instance_type=name,
@@ -254,17 +323,32 @@ def estimate(spec: Spec, catalog: Catalog, duration: DurationEstimate) -> CostEs
         hourly_usd=hourly,
         duration=duration,
         max_duration_s=res.max_duration,
-        gpu_hours_p50=gpu_hours(duration.p50_s),
-        gpu_hours_p90=gpu_hours(duration.p90_s),
-        usd_p50=usd(duration.p50_s),
-        usd_p90=usd(duration.p90_s),
-        gpu_hours_cap=gpu_hours(res.max_duration),
-        usd_cap=usd(res.max_duration),
+        gpu_hours_p50=gpu_hours(duration.paid_p50_s),
+        gpu_hours_p90=gpu_hours(duration.paid_p90_s),
+        usd_p50=usd(duration.paid_p50_s),
+        usd_p90=usd(duration.paid_p90_s),
+        gpu_hours_cap=gpu_hours(most_s),
+        usd_cap=usd(most_s),
         catalog_version=catalog.version,
         billing_increment_s=billing.increment_s,
         billing_minimum_s=billing.minimum_s,
         notes=notes,
+        egress_usd=egress,
+        storage_usd_month=storage,
     )
+
+
+def data_costs(spec: Spec, catalog: Catalog, duration: DurationEstimate) -> tuple[float, float | None]:
+    """(egress dollars per run, storage dollars per month of the kept checkpoints; None: size unknown).
+
+    Each node pulls the dataset once; ``checkpoint.keep`` checkpoints stay in the store."""
+    res = spec.resources
+    gb = 1e9
+    egress = (duration.dataset_bytes or 0) / gb * res.nodes * catalog.egress_price(res.provider)
+    if duration.checkpoint_bytes is None:
+        return round(egress, 4), None
+    kept = spec.checkpoint.keep * duration.checkpoint_bytes / gb
+    return round(egress, 4), round(kept * catalog.storage_price(res.provider), 4)
 
 
 def billing_text(est: CostEstimate) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gpuline.decisions.cost import Basis, CostEstimate, billing_text
+from gpuline.decisions.phases import PHASES, PhaseEstimate, size_text
 from gpuline.decisions.policy import Decision, approval_how
 from gpuline.decisions.policy_source import ProposedChange
 from gpuline.decisions.queue import QueueEstimate
@@ -86,7 +87,8 @@ def render_comment(
         lines += [f"_{unlike}_"] if unlike else []
     else:
         lines.append(table([(name, h) for name, h, _, _, _ in metrics], ("", "")))
-    lines += ["", table(_details(est, decision, base, queue), ("", "")), ""]
+    lines += ["", *phase_table(est), ""]
+    lines += [table(_details(est, decision, base, queue), ("", "")), ""]
     lines += _why(decision, policy)
     lines += proposed_lines(proposed)
     lines.append(
@@ -134,6 +136,13 @@ def _metrics(est: CostEstimate, base: CostEstimate | None) -> list[Metric]:
     bound = " (upper bound)" if d.upper_bound else ""
     return [
         (
+            "paid time p50–p90" + bound,
+            _minutes_range(d.paid_p50_s, d.paid_p90_s),
+            _minutes_range(base.duration.paid_p50_s, base.duration.paid_p90_s) if base else None,
+            d.paid_p50_s,
+            base.duration.paid_p50_s if base else None,
+        ),
+        (
             "training time p50–p90" + bound,
             _minutes_range(d.p50_s, d.p90_s),
             _minutes_range(base.duration.p50_s, base.duration.p90_s) if base else None,
@@ -174,6 +183,7 @@ def _details(
         ("estimate basis", d.note),
         *([("base estimate basis", base.duration.note)] if base else []),
         ("start-up", f"{_minutes(d.startup_s)} ({d.startup_note})"),
+        ("data", data_text(est)),
     ]
     if queue is not None:
         info.append(("queue", queue.describe()))
@@ -189,6 +199,85 @@ def _details(
             )
         )
     return info
+
+
+def _seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:,.1f} s"
+    return f"{seconds / 60:,.1f} min" if seconds < 3600 else f"{seconds / 3600:,.2f} h"
+
+
+def error_text(est: CostEstimate) -> str:
+    """The stated error of the paid p50: measured by the benchmark when there is no history."""
+    error = est.duration.expected_error
+    return f"no history: ±{error * 100:.0f}% expected" if error is not None else "training from history"
+
+
+def phase_table(est: CostEstimate) -> list[str]:
+    """Every phase of the paid time with its p50, p90 and evidence; phases that take nothing are left
+    out (a laptop's boot, a run without eval.command) so the table shows where the money goes."""
+    d = est.duration
+    if not d.phases:
+        return []
+    lines = ["| phase | p50 | p90 | evidence |", "|---|---|---|---|"]
+    for p in d.phases:
+        if p.name != "train" and p.p90_s <= 0:
+            continue
+        name = p.name if p.paid else f"{p.name} (not paid)"
+        detail = f": {p.detail}" if p.detail and p.name != "train" else ""
+        lines.append(f"| {name} | {_seconds(p.p50_s)} | {_seconds(p.p90_s)} | {p.evidence}{detail} |")
+    lines.append(
+        f"| **paid, all phases** | **{_seconds(d.paid_p50_s)}** | **{_seconds(d.paid_p90_s)}** | {error_text(est)} |"
+    )
+    return lines
+
+
+def phase_comparison(phases: Sequence[PhaseEstimate], actual: Mapping[str, float]) -> str:
+    """Actual seconds per phase beside the estimate's p50 and p90: the hook for the run record's ledger of
+    actual phases (names as in ``gpuline.decisions.phases.PHASES``). A phase only one side knows is
+    shown with a dash on the other."""
+    estimated: dict[str, PhaseEstimate] = {p.name: p for p in phases}
+    names = [n for n in PHASES if n in estimated or n in actual] + sorted(set(actual) - set(PHASES))
+    lines = ["| phase | estimate p50–p90 | actual | |", "|---|---|---|---|"]
+    for name in names:
+        p, seconds = estimated.get(name), actual.get(name)
+        span = _range(_seconds(p.p50_s), _seconds(p.p90_s)) if p else "–"
+        shown = _seconds(seconds) if seconds is not None else "–"
+        lines.append(f"| {name} | {span} | {shown} | {_verdict(p, seconds)} |")
+    paid = [p for p in phases if p.paid]
+    total_actual = sum(v for k, v in actual.items() if k in estimated and estimated[k].paid)
+    lines.append(
+        f"| **paid** | {_range(_seconds(sum(p.p50_s for p in paid)), _seconds(sum(p.p90_s for p in paid)))} "
+        f"| {_seconds(total_actual)} | {_verdict(_sum(paid), total_actual)} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _sum(phases: Sequence[PhaseEstimate]) -> PhaseEstimate:
+    return PhaseEstimate("train", sum(p.p50_s for p in phases), sum(p.p90_s for p in phases), "")
+
+
+def _verdict(p: PhaseEstimate | None, seconds: float | None) -> str:
+    if p is None or seconds is None:
+        return ""
+    if seconds > p.p90_s:
+        return "over p90"
+    if p.p50_s > 0:
+        return f"{(seconds - p.p50_s) / p.p50_s * 100:+.0f}% vs p50"
+    return ""
+
+
+def data_text(est: CostEstimate) -> str:
+    """Egress and storage dollars, with the volumes they come from."""
+    d = est.duration
+    pulled = (
+        f"dataset {size_text(d.dataset_bytes)} x {est.nodes} node(s)" if d.dataset_bytes else "dataset size unknown"
+    )
+    text = f"egress {money(est.egress_usd)} per run ({pulled})"
+    if est.storage_usd_month is None or d.checkpoint_bytes is None:
+        return text + "; checkpoint storage unknown (the smoke test saved no checkpoint)"
+    size = size_text(d.checkpoint_bytes)
+    return f"{text}; checkpoint storage {money(est.storage_usd_month)} per month (kept checkpoints of {size} each)"
 
 
 def _why(decision: Decision, policy: Policy) -> list[str]:
@@ -210,8 +299,8 @@ def log_lines(est: CostEstimate, decision: Decision, queue: QueueEstimate) -> li
     """The three lines the job log shows: the estimate, the queue and the decision."""
     d = est.duration
     return [
-        f"estimate: {est.instance_type} x{est.nodes} ({est.lane}), "
-        f"{_minutes_range(d.p50_s, d.p90_s)} training + {_minutes(d.startup_s)} start-up, "
+        f"estimate: {est.instance_type} x{est.nodes} ({est.lane}), {_minutes_range(d.paid_p50_s, d.paid_p90_s)} paid "
+        f"({_minutes_range(d.p50_s, d.p90_s)} training, {_minutes(d.startup_s)} start-up; {error_text(est)}), "
         f"{est.gpu_hours_p90:.3f} GPU-hours, ${est.usd_p90:.2f} (at most ${est.usd_cap:.2f}) [{d.note}]",
         f"queue: {queue.describe()}",
         f"decision: {decision.summary()}",

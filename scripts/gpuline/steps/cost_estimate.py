@@ -19,6 +19,7 @@ from gpuline import gha
 from gpuline.context import Context
 from gpuline.decisions import quota
 from gpuline.decisions.cost import CostEstimate, DurationEstimate, estimate, estimate_duration
+from gpuline.decisions.phases import PhaseEstimate, SmokeTimings
 from gpuline.decisions.policy import approvals_from
 from gpuline.decisions.policy_source import ProposedChange, proposed_change, read_at_ref
 from gpuline.decisions.pricing import CATALOG_FILE, Catalog, load_catalog
@@ -61,10 +62,13 @@ def cost_estimate(
         target = estimate_tier(ctx.tier, ctx.inputs.estimate_tier)
         spec = ctx.spec if target == ctx.tier else ctx.base_spec.for_tier(target)
         catalog, proposed = _trusted_catalog(ctx)
-        duration_of = _durations(ctx.ledger, catalog, record.smoke_step_s)
+        smoke = smoke_timings(ctx.ledger, record.run_id)
+        data_bytes = dataset_bytes(spec, ctx.config_path.parent, ctx.workdir(record.run_id))
+        duration_of = _durations(ctx.ledger, catalog, record.smoke_step_s, smoke, data_bytes)
         est = estimate(spec, catalog, duration_of(spec))
         now = utcnow()
         queue = estimate_wait(ctx.ledger, ctx.policy, spec.resources.lane, now)
+        with_queue(est, queue.expected_wait_s, queue.worst_wait_s)
         request = quota.Request(
             run_id=record.run_id,
             spec=spec,
@@ -81,7 +85,7 @@ def cost_estimate(
         # pr-fast buys nothing, so nothing is held for it.
         hold = reserve and ctx.tier != "pr-fast"
         decision, reserved = quota.admit(ctx.ledger, request, hold=hold, on_retry=_say_retrying)
-        base = _base_estimate(ctx, base_ref, catalog, target) if base_ref else None
+        base = _base_estimate(ctx, base_ref, catalog, target, smoke, data_bytes) if base_ref else None
         _keep_estimate(ctx.ledger, record.run_id, est)
         ctx.event(
             "cost.estimated",
@@ -146,27 +150,76 @@ def _keep_estimate(ledger: Ledger, run_id: str, est: CostEstimate) -> None:
     ledger.update_run(run_id, keep)
 
 
-def _durations(ledger: Ledger, catalog: Catalog, smoke_step_s: float | None) -> Callable[[Spec], DurationEstimate]:
+def _durations(
+    ledger: Ledger,
+    catalog: Catalog,
+    smoke_step_s: float | None,
+    smoke: SmokeTimings | None = None,
+    data_bytes: int | None = None,
+) -> Callable[[Spec], DurationEstimate]:
     cache: dict[str, DurationEstimate] = {}
 
     def duration_of(spec: Spec) -> DurationEstimate:
         key = spec.config_hash()
         if key not in cache:
-            cache[key] = estimate_duration(spec, ledger, smoke_step_s, catalog)
+            cache[key] = estimate_duration(spec, ledger, smoke_step_s, catalog, smoke=smoke, dataset_bytes=data_bytes)
         return cache[key]
 
     return duration_of
 
 
-def _base_estimate(ctx: Context, base_ref: str, catalog: Catalog, tier: str) -> CostEstimate | None:
-    """The same estimate for the base branch's gpuline.yml, for the PR's diff."""
+def smoke_timings(ledger: Ledger, run_id: str) -> SmokeTimings | None:
+    """What preflight's smoke test measured for the phases (its latest ``preflight.smoke`` event's
+    ``timings``); None when preflight did not record them."""
+    for event in reversed(ledger.events(run_id)):
+        if event.kind != "preflight.smoke":
+            continue
+        raw = event.data.get("timings")
+        if not isinstance(raw, dict):
+            return None
+        try:
+            return SmokeTimings.model_validate(raw)
+        except ValueError:
+            gha.info("the smoke test's timings in the run record are unreadable; estimating without them")
+            return None
+    return None
+
+
+def dataset_bytes(spec: Spec, config_dir: Path, workdir: Path) -> int | None:
+    """The dataset's size, when it is a local file or preflight downloaded it; None when not known."""
+    uri = spec.dataset.uri
+    if uri.startswith("s3://"):
+        path = workdir / "dataset" / Path(uri.removeprefix("s3://").partition("/")[2]).name
+    else:
+        rest = uri.removeprefix("file://")
+        path = Path(rest) if Path(rest).is_absolute() else config_dir / rest
+    return path.stat().st_size if path.is_file() else None
+
+
+def with_queue(est: CostEstimate, expected_s: float, worst_s: float) -> None:
+    """Show the wait for a machine in the lane as the first phase: no machine is held, nothing is paid."""
+    phases = [p for p in est.duration.phases if p.name != "queue"]
+    if phases:
+        queued = PhaseEstimate("queue", expected_s, max(worst_s, expected_s), "active leases", "", paid=False)
+        est.duration.phases = [queued, *phases]
+
+
+def _base_estimate(
+    ctx: Context, base_ref: str, catalog: Catalog, tier: str, smoke: SmokeTimings | None, data_bytes: int | None
+) -> CostEstimate | None:
+    """The same estimate for the base branch's gpuline.yml, for the PR's diff.
+
+    The smoke test ran the PR's code, so its step time says nothing of the base's; its start-up,
+    checkpoint and eval timings stand for both sides, so the diff shows what the change changes."""
     from gpuline.spec import _validate
     from gpuline.yamlsource import load_yaml
 
     try:
         text = read_at_ref(base_ref, ctx.config_path)
         base_spec = _validate(load_yaml(Path(f"{base_ref}:{ctx.config_path}"), text), Spec).for_tier(tier)
-        return estimate(base_spec, catalog, estimate_duration(base_spec, ctx.ledger, None, catalog))
+        around = smoke.model_copy(update={"step_s": None}) if smoke else None
+        duration = estimate_duration(base_spec, ctx.ledger, None, catalog, smoke=around, dataset_bytes=data_bytes)
+        return estimate(base_spec, catalog, duration)
     except (InputError, ConfigError) as exc:
         # The file may not exist on the base branch yet, or be broken there: no diff then.
         gha.info(f"no base estimate: {exc.one_line()}")

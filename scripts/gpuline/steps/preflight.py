@@ -360,6 +360,8 @@ def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | Non
         path,
         spec.hyperparameters,
         SMOKE_TIMEOUT_S,
+        # Timed on the smoke run's model (when it writes one), for the estimate's eval phase.
+        eval_command=entry_command(spec.eval.command, ctx.inputs.python) if spec.eval.command else None,
     )
     losses = result.losses
     if not result.fell:
@@ -375,6 +377,14 @@ def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | Non
         r.smoke_step_s = step_s
 
     ctx.ledger.update_run(record.run_id, keep)
-    ctx.event("preflight.smoke", first_loss=losses[0], last_loss=losses[-1], steps=len(losses), step_s=step_s)
+    ctx.event(
+        "preflight.smoke",
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        steps=len(losses),
+        step_s=step_s,
+        # The phases cost-estimate prices when there is no history (start-up, steps, saves, eval).
+        timings=result.timings.to_json() if result.timings else None,
+    )
     line = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps on one batch"
     return line, step_s, result.eval_metrics

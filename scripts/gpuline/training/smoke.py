@@ -4,6 +4,11 @@ The import check imports the entrypoint in a child interpreter (its ``__main__``
 and names the missing module and the line that imports it. The smoke test runs the entrypoint with
 ``GPULINE_SMOKE=1``: it trains ~20 steps on one batch, and the loss must fall. A script that also
 writes its eval metrics (``GPULINE_EVAL_PATH``) in smoke mode reports their names with the result.
+
+The smoke test is also the estimate's stopwatch (:class:`~gpuline.decisions.phases.SmokeTimings`):
+process start to the first step written (interpreter, imports, data load, the first step), the steady
+step time, the exit, and, when the script does them in smoke mode, a checkpoint save (it is asked
+for one at step ``SMOKE_CHECKPOINT_AT``) and ``eval.command`` on the model it wrote.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpuline import contract
+from gpuline.decisions.phases import SmokeTimings
 from gpuline.errors import InputError, Location
 from gpuline.inputs import given
 from gpuline.training.launch import child_env, python_interpreter
@@ -31,7 +38,17 @@ from gpuline.training.process import TAIL_LINES, LineReader, exit_code, signal_g
 from gpuline.training.request import RunPaths, SmokeResult
 
 SMOKE_DROP = 0.9  # the one-batch loss must end below 90% of where it started
+SMOKE_CHECKPOINT_AT = 10
+"""The checkpoint interval a smoke run is given: a script that honours it saves once mid-run, and the
+save's stall shows as the gap after that step."""
 _IMPORT_TIME_HINT = "keep work at import time small; start training under `if __name__ == '__main__':`"
+
+
+@dataclass
+class TimedSmokeResult(SmokeResult):
+    """The smoke result with what it measured for the estimate's phases."""
+
+    timings: SmokeTimings | None = None
 
 
 def smoke_test(
@@ -42,11 +59,14 @@ def smoke_test(
     timeout_s: float,
     *,
     extra_env: Mapping[str, str] | None = None,
-) -> SmokeResult:
+    eval_command: list[str] | None = None,
+) -> TimedSmokeResult:
     """Run the entrypoint with ``GPULINE_SMOKE=1`` on CPU: it trains ~20 steps on one batch.
 
-    Returns the losses and whether they fell; raises InputError when the script fails, times out or
-    writes no losses, since no GPU should be bought for a script that cannot do that much.
+    Returns the losses, whether they fell, and the timings of the phases it went through; with
+    ``eval_command`` (gpuline.yml's eval.command) that command is timed on the model the smoke run
+    wrote, when it wrote one. Raises InputError when the script fails, times out or writes no losses,
+    since no GPU should be bought for a script that cannot do that much.
     """
     with tempfile.TemporaryDirectory(prefix="gpuline-smoke-") as tmp:
         paths = RunPaths(Path(tmp))
@@ -54,14 +74,14 @@ def smoke_test(
             run_id="smoke",
             hyperparameters=hyperparameters,
             dataset_path=dataset_path,
-            checkpoint_interval=10**9,
+            checkpoint_interval=SMOKE_CHECKPOINT_AT,
             resume_from=None,
             max_duration_s=timeout_s,
             smoke=True,
         )
         env = child_env(trainer.to_env(), {"CUDA_VISIBLE_DEVICES": "", **(extra_env or {})})
         shown = shlex.join(command)
-        started = time.monotonic()
+        launched, started = time.time(), time.monotonic()
         code, lines = _run_to_exit(command, cwd, env, timeout_s, shown)
         wall = time.monotonic() - started
         if code != 0:
@@ -70,11 +90,74 @@ def smoke_test(
                 f"the smoke test of `{shown}` exited with code {code}: {last}",
                 hint=f"run it locally with {contract.SMOKE}=1 and fix the error shown",
             )
-        result = _smoke_result(read_metrics(paths.metrics), wall, code, lines, shown)
+        rows = read_metrics(paths.metrics)
+        base = _smoke_result(rows, wall, code, lines, shown)
         # A script that evaluates in smoke mode too names the metrics it writes, so preflight can
         # check the gates against them before a GPU trains a model whose gates cannot be read.
-        result.eval_metrics = read_eval(paths.eval) if paths.eval.is_file() else None
-        return result
+        eval_metrics = read_eval(paths.eval) if paths.eval.is_file() else None
+        timings = measure(rows, launched, wall, paths.checkpoints)
+        if eval_command and timings is not None and _has_files(paths.output):
+            timings.eval_s = _time_eval(eval_command, cwd, env, paths, timeout_s)
+        return TimedSmokeResult(
+            base.losses, base.fell, base.step_seconds, code, lines, eval_metrics=eval_metrics, timings=timings
+        )
+
+
+def measure(rows: list[dict[str, Any]], launched: float, wall: float, checkpoints: Path) -> SmokeTimings | None:
+    """The phases a smoke run went through, from its metrics rows' wall-clock times (None: no times).
+
+    ``launched`` is the wall-clock time the process was started, ``wall`` how long it ran."""
+    stamped = [(int(r["step"]), float(r["time"])) for r in rows if _number(r.get("time")) and _number(r.get("step"))]
+    if not stamped:
+        return None
+    times = [t for _, t in stamped]
+    gaps = [b - a for a, b in itertools.pairwise(times) if b >= a]
+    step_s = statistics.median(gaps) if gaps else None
+    # The gap after a step that saved holds the save's stall and one ordinary step.
+    stalls = [
+        (t_next - t) - (step_s or 0.0)
+        for (step, t), (_, t_next) in itertools.pairwise(stamped)
+        if step % SMOKE_CHECKPOINT_AT == 0 and t_next >= t
+    ]
+    saved = _checkpoint_sizes(checkpoints)
+    return SmokeTimings(
+        start_s=max(0.0, times[0] - launched),
+        step_s=step_s,
+        exit_s=max(0.0, launched + wall - times[-1]),
+        checkpoint_s=max(0.0, statistics.median(stalls)) if saved and stalls else None,
+        checkpoint_bytes=round(statistics.median(saved)) if saved else None,
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _checkpoint_sizes(folder: Path) -> list[int]:
+    """The size of each checkpoint the smoke run saved (each a file or a folder in ``folder``)."""
+    if not folder.is_dir():
+        return []
+    sizes = []
+    for entry in folder.iterdir():
+        files = [entry] if entry.is_file() else [f for f in entry.rglob("*") if f.is_file()]
+        sizes.append(sum(f.stat().st_size for f in files))
+    return [size for size in sizes if size > 0]
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
+
+
+def _time_eval(command: list[str], cwd: Path, env: dict[str, str], paths: RunPaths, timeout_s: float) -> float | None:
+    """Seconds eval.command takes on the smoke run's model; None when it does not finish cleanly (the
+    smoke model is barely trained: eval-gate, not preflight, judges what the command reports)."""
+    env = {**env, contract.MODEL_PATH: str(paths.output), contract.EVAL_PATH: str(paths.root / "smoke-eval.json")}
+    started = time.monotonic()
+    try:
+        code, _ = _run_to_exit(command, cwd, env, timeout_s, shlex.join(command))
+    except InputError:
+        return None
+    return time.monotonic() - started if code == 0 else None
 
 
 def _run_to_exit(
