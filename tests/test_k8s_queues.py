@@ -165,6 +165,35 @@ def test_the_podgroup_is_created_with_the_job_and_deleted_with_the_lease(tmp_pat
     assert k8s.objects("podgroups") == [] and k8s.objects("jobs") == []
 
 
+def test_a_gang_volcano_has_not_scheduled_shows_the_wait_until_its_podgroup_runs(
+    tmp_path: Path, k8s: K8sEmulator
+) -> None:
+    k8s.install("scheduling.volcano.sh/v1beta1/podgroups", "PodGroup")
+    provider = KubernetesProvider(tmp_path, {"scheduler": "volcano", "queue": "research"})
+    provider.provision(lease(tmp_path, nodes=2))
+    (job,) = k8s.objects("jobs")
+    (group,) = k8s.objects("podgroups")
+    name = group["metadata"]["name"]
+    custom = k8s_queue.client_custom(provider)
+
+    def podgroup_status(status: dict[str, Any]) -> None:
+        custom.patch_namespaced_custom_object(*k8s_queue.PODGROUP[:2], "default", "podgroups", name, {"status": status})
+
+    unschedulable = {"type": "Unschedulable", "status": "True", "message": "2/2 tasks in gang unschedulable"}
+    podgroup_status({"phase": "Pending", "conditions": [unschedulable]})
+    wait, lines = k8s_queue.QueueWait(provider), []
+    wait.seen(job, lines.append)
+    wait.seen(job, lines.append)  # the same state again: no second line
+    assert lines == [
+        "kubernetes: waiting for Volcano to schedule the gang in queue research (PodGroup Pending): "
+        "2/2 tasks in gang unschedulable"
+    ]
+    assert wait.admitted_at is None
+    podgroup_status({"phase": "Running", "conditions": []})
+    wait.seen(job, lines.append)
+    assert len(lines) == 1 and wait.admitted_at is not None
+
+
 def test_a_bad_scheduler_value_is_one_line_naming_the_field() -> None:
     with pytest.raises(ConfigError) as info:
         KubernetesProvider(Path("."), {"scheduler": "volcanoo"})

@@ -182,6 +182,15 @@ def suspended(job: dict[str, Any]) -> bool:
     return bool(spec.get("suspend") or (spec.get("runPolicy") or {}).get("suspend"))
 
 
+def gang_of(job: dict[str, Any]) -> str | None:
+    """The PodGroup a Volcano-scheduled Job's pods belong to (None for any other Job)."""
+    template = (job.get("spec") or {}).get("template") or {}
+    if (template.get("spec") or {}).get("schedulerName") != VOLCANO:
+        return None
+    name = ((template.get("metadata") or {}).get("annotations") or {}).get(GROUP_NAME)
+    return str(name) if name else None
+
+
 def queue_of(job: dict[str, Any]) -> str | None:
     return ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
 
@@ -219,8 +228,13 @@ class QueueWait:
     def wait_line(self, job: dict[str, Any]) -> str | None:
         from gpuline.providers.k8s_objects import parse_time
 
+        if self.admitted_at is not None:
+            return None
+        group = gang_of(job)
+        if group is not None:
+            return self._gang_line(job, group)
         queue = queue_of(job)
-        if queue is None or self.admitted_at is not None:
+        if queue is None:
             return None
         meta = job.get("metadata") or {}
         annotations = meta.get("annotations") or {}
@@ -236,6 +250,26 @@ class QueueWait:
         name = (workload or {}).get("metadata", {}).get("name", "")
         position = self._position(meta.get("namespace", ""), queue, name) if name else None
         return waiting_line(queue, state, position)
+
+    def _gang_line(self, job: dict[str, Any], group: str) -> str | None:
+        """Volcano holds every pod Pending until the whole gang fits: its PodGroup's phase says where
+        it stands (Pending, Inqueue, then Running). Best effort, as for Kueue."""
+        ns = (job.get("metadata") or {}).get("namespace", "")
+        api_group, version, plural = PODGROUP
+        try:
+            found = self._custom().get_namespaced_custom_object(api_group, version, ns, plural, group)
+        except Exception:
+            return None  # a view only: no PodGroup to read (yet), no RBAC, or Volcano is gone
+        status = (found or {}).get("status") or {}
+        phase = str(status.get("phase") or "Pending")
+        if phase not in ("Pending", "Inqueue"):
+            self.admitted_at = utcnow()  # the gang was scheduled: from here its pods run
+            return None
+        queue = ((found or {}).get("spec") or {}).get("queue") or "default"
+        why = next((c.get("message") for c in status.get("conditions") or [] if c.get("message")), "")
+        return f"waiting for Volcano to schedule the gang in queue {queue} (PodGroup {phase})" + (
+            f": {why}" if why else ""
+        )
 
     def _workload(self, job: dict[str, Any]) -> dict[str, Any] | None:
         """Kueue's Workload for the Job. Best effort: the line is only a view, so an API that will not
