@@ -788,7 +788,10 @@ def test_act_actual_cost_reaches_the_pr_comment_without_carried_state(shared_run
     assert shared_run.result.returncode == 0, explain(shared_run.result.log)
     comments = shared_run.fake.comments_on("acme/vision", PR + 1)
     assert len(comments) == 1, "teardown wrote no actual cost to the PR"
-    assert "gpuline:section actual" in comments[0]["body"] and "**Actual:**" in comments[0]["body"]
+    body = comments[0]["body"]
+    assert "gpuline:section actual" in body and "**Actual:**" in body
+    # Actual vs estimate per phase: the estimate's phases from the shared ledger, the run's own from its record.
+    assert "| phase | estimate p50–p90 | actual | |" in body and "| train |" in body and "| **paid** |" in body
     assert shared_run.fake.violations == []
 
 

@@ -94,6 +94,29 @@ def total(phases: Sequence[PhaseEstimate], *, paid_only: bool = True) -> tuple[f
     return sum(p.p50_s for p in chosen), sum(p.p90_s for p in chosen)
 
 
+def phases_from_json(raw: object) -> list[PhaseEstimate]:
+    """The phases of an estimate as kept in the ledger (``PhaseEstimate.to_json``); unreadable entries
+    are left out, so an estimate written by an older gpuline compares on what it has."""
+    out: list[PhaseEstimate] = []
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, dict) or item.get("name") not in PHASES:
+            continue
+        try:
+            out.append(
+                PhaseEstimate(
+                    item["name"],
+                    float(item["p50_s"]),
+                    float(item["p90_s"]),
+                    str(item.get("evidence", "")),
+                    str(item.get("detail", "")),
+                    bool(item.get("paid", True)),
+                )
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
 def phase(phases: Sequence[PhaseEstimate], name: PhaseName) -> PhaseEstimate | None:
     return next((p for p in phases if p.name == name), None)
 

@@ -307,11 +307,19 @@ def log_lines(est: CostEstimate, decision: Decision, queue: QueueEstimate) -> li
     ]
 
 
-def actual_section(record: RunRecord) -> str:
-    """The PR comment's ``actual`` section: what the run really cost, from the run record alone, so the
-    teardown job can write it on a fresh runner with nothing carried from the job that estimated."""
+def actual_section(record: RunRecord, estimated_phases: Sequence[PhaseEstimate] = ()) -> str:
+    """The PR comment's ``actual`` section: what the run really cost, from the run record (and the
+    estimate the ledger kept), so the teardown job can write it on a fresh runner with nothing carried
+    from the job that estimated. With the estimate's phases, actual vs estimate per phase follows."""
+    from gpuline.phases import actual_phases
+
     estimated = f"; estimated ${record.estimated_usd:.2f}" if record.estimated_usd is not None else ""
-    return (
+    source = f", cost from the {record.cost_source}" if record.cost_source else ""
+    text = (
         f"**Actual:** ${record.actual_usd or 0:.2f}, {record.gpu_seconds / 3600:.3f} GPU-hours "
-        f"({record.idle_seconds:.0f} idle GPU-seconds), run {record.status}{estimated} (`{record.run_id}`).\n"
+        f"({record.idle_seconds:.0f} idle GPU-seconds), run {record.status}{estimated}{source} (`{record.run_id}`).\n"
     )
+    actual = actual_phases(record)
+    if estimated_phases and actual:
+        text += "\n" + phase_comparison(estimated_phases, {str(name): s for name, s in actual.items()})
+    return text

@@ -20,6 +20,7 @@ from typing import TypeVar
 from gpuline import console
 from gpuline.context import Context
 from gpuline.decisions import quota
+from gpuline.decisions.phases import PhaseEstimate, phases_from_json
 from gpuline.errors import GpulineError, InfraError, clip
 from gpuline.lease import runner
 from gpuline.lease.close import close_record, closed_copy, release_machine
@@ -94,7 +95,8 @@ def teardown(ctx: Context) -> TeardownResult:
     # The PR comment's actual-cost section, built from the run record: the teardown job may run on a
     # fresh runner where nothing of the job that estimated is on disk (shared backends, no carried state).
     comment_path = ctx.workdir(record.run_id) / "actual-comment.md"
-    left.attempt("cost comment", lambda: comment_path.write_text(actual_section(record), encoding="utf-8"), 0)
+    body = actual_section(record, _estimated_phases(ctx, record.run_id))
+    left.attempt("cost comment", lambda: comment_path.write_text(body, encoding="utf-8"), 0)
     result = TeardownResult(
         record=record,
         machine_released=machine_released,
@@ -139,3 +141,12 @@ def _left_behind(record: RunRecord, left: _Left) -> InfraError:
         hint=f"fix that (free disk space, check the provider) and rerun `gpuline teardown --run-id {record.run_id}`; "
         "`gpuline reap` also releases what is left",
     )
+
+
+def _estimated_phases(ctx: Context, run_id: str) -> list[PhaseEstimate]:
+    """The phases of the run's latest estimate, as cost-estimate kept it in the ledger's events."""
+    for event in reversed(ctx.ledger.events(run_id)):
+        if event.kind == "cost.estimated":
+            duration = (event.data.get("estimate") or {}).get("duration") or {}
+            return phases_from_json(duration.get("phases"))
+    return []
