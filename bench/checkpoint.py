@@ -7,7 +7,10 @@ with a state of --size-mb (default 1024, half "model", half "optimizer"):
       (torch.save to a file, then boto3 upload_file) and vs torch.distributed.checkpoint.async_save;
   (b) upload throughput, best of a few: gpuline.storage.upload_checkpoint vs bare boto3 upload_file
       (same TransferConfig);
-  (c) seconds from SIGTERM (to the supervisor) until the final checkpoint is durable in S3;
+  (c) seconds from SIGTERM (to the supervisor) until the final checkpoint is durable in S3, both ways
+      side by side: pipelined (the uploader streams each file's parts while the trainer serialises
+      it) and sequential (the upload starts once the checkpoint is committed), against the floor
+      (one copy into fresh memory) plus a bare upload_file of the same bytes, and the bare upload alone;
   and the floor: one copy of the state into fresh CPU memory.
 
     python bench/checkpoint.py                 # 1 GiB, a few minutes
@@ -41,6 +44,7 @@ import torch
 
 from gpuline.storage import S3Storage, open_storage, transfer_config, upload_checkpoint
 from gpuline.training import TrainRequest, checkpoints, supervise
+from gpuline.training.uploader import CheckpointUploader
 from gpuline_trainer import TorchCheckpointer
 
 BUCKET = "gpuline-bench"
@@ -257,9 +261,21 @@ TRAINER = textwrap.dedent(
 )
 
 
-def sigterm_to_durable(size_mb: int, work: Path, endpoint: str) -> float:
+@contextmanager
+def upload_path(pipelined: bool) -> Iterator[None]:
+    """The supervisor's uploader streams checkpoints being written (pipelined) or waits for the commit."""
+    before = CheckpointUploader.streaming
+    CheckpointUploader.streaming = pipelined
+    try:
+        yield
+    finally:
+        CheckpointUploader.streaming = before
+
+
+def sigterm_to_durable(size_mb: int, work: Path, endpoint: str, *, pipelined: bool) -> float:
     reset_bucket(endpoint)
-    project = work / "project"
+    name = "pipelined" if pipelined else "sequential"
+    project = work / f"project-{name}"
     project.mkdir(exist_ok=True)
     (project / "train.py").write_text(TRAINER)
     lines: list[tuple[float, str]] = []
@@ -272,7 +288,7 @@ def sigterm_to_durable(size_mb: int, work: Path, endpoint: str) -> float:
         run_id="bench",
         command=[sys.executable, "train.py"],
         cwd=project,
-        workdir=work / "run",
+        workdir=work / f"run-{name}",
         storage=open_storage(f"s3://{BUCKET}/sigterm", work),
         storage_prefix="runs/bench",
         hyperparameters={"size_mb": size_mb},
@@ -285,7 +301,7 @@ def sigterm_to_durable(size_mb: int, work: Path, endpoint: str) -> float:
         log=log,
         imds_endpoint="off",
     )
-    metrics = work / "run" / "metrics.jsonl"
+    metrics = request.workdir / "metrics.jsonl"
 
     def stop_when_training() -> None:
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
@@ -294,21 +310,39 @@ def sigterm_to_durable(size_mb: int, work: Path, endpoint: str) -> float:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_when_training, daemon=True).start()
-    outcome = supervise(request)
+    with upload_path(pipelined):
+        outcome = supervise(request)
 
-    def first(text: str) -> float:
-        found = [t for t, line in lines if text in line]
+    def first(*texts: str) -> float:
+        found = [t for t, line in lines if any(text in line for text in texts)]
         if not found or not sent or outcome.stop_reason != "preempted":
             raise RuntimeError(f"the stop did not go as planned: {outcome.stop_reason}; {lines[-5:]}")
         return found[0] - sent[0]
 
-    durable = first(f"checkpoint step {outcome.final_step} is durable")
-    saving, uploading = first("stop requested (SIGTERM)"), first(f"uploading checkpoint step {outcome.final_step}")
+    step = outcome.final_step
+    durable = first(f"checkpoint step {step} is durable")
+    saving = first("stop requested (SIGTERM)")
+    uploading = first(f"uploading checkpoint step {step}", f"streaming checkpoint step {step}")
+    streamed = any(f"streaming checkpoint step {step}" in line for _, line in lines)
+    how = "streaming while it is written" if streamed else "committed and uploading"
     print(
-        f"SIGTERM path: trainer saving at +{saving:.2f} s, committed and uploading at +{uploading:.2f} s, "
+        f"SIGTERM path ({name}): trainer saving at +{saving:.2f} s, {how} at +{uploading:.2f} s, "
         f"durable at +{durable:.2f} s"
     )
+    if pipelined and not streamed:
+        print("  (the save was committed before the uploader looked: this pipelined run went the sequential way)")
+    shutil.rmtree(request.workdir, ignore_errors=True)
     return durable
+
+
+def stop_paths(size_mb: int, work: Path, endpoint: str, rounds: int) -> tuple[float, float]:
+    """Median seconds SIGTERM-to-durable, (sequential, pipelined), in ABBA order over ``rounds``."""
+    sequential, pipelined = [], []
+    for i in range(rounds):
+        for streaming in (False, True) if i % 2 == 0 else (True, False):
+            seconds = sigterm_to_durable(size_mb, work, endpoint, pipelined=streaming)
+            (pipelined if streaming else sequential).append(seconds)
+    return statistics.median(sequential), statistics.median(pipelined)
 
 
 # ---------------------------------------------------------------- report
@@ -319,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the state (default 1024)")
     parser.add_argument("--saves", type=int, default=3, help="saves per stall measurement (default 3)")
     parser.add_argument("--endpoint", help="an S3 endpoint to use instead of starting a moto server")
+    parser.add_argument(
+        "--stop-rounds", type=int, default=1, help="SIGTERM runs of each stop path, ABBA order, median (default 1)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     with s3_server(args.endpoint) as endpoint, tempfile.TemporaryDirectory(prefix="gpuline-bench-") as tmp:
@@ -336,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         # (c) is bracketed by its baseline, so load from other work on the machine hits both alike.
         bare_before = bare_upload_seconds(state, work, endpoint)
         floor_c = floor_copy(state, 1)
-        durable_s = sigterm_to_durable(args.size_mb, work, endpoint)
+        sequential_s, pipelined_s = stop_paths(args.size_mb, work, endpoint, max(1, args.stop_rounds))
         bare_s = (bare_before + bare_upload_seconds(state, work, endpoint)) / 2
         del state
 
@@ -375,11 +412,32 @@ def main(argv: list[str] | None = None) -> int:
             ">= 0.9x",
         ),
         (
-            "SIGTERM to durable checkpoint",
-            f"{durable_s:.2f} s",
+            "SIGTERM to durable checkpoint, sequential",
+            f"{sequential_s:.2f} s",
             f"floor + bare upload {floor_c + bare_s:.2f} s",
-            f"{durable_s / (floor_c + bare_s):.2f}x",
+            f"{sequential_s / (floor_c + bare_s):.2f}x",
             "<= 1.3x and < 30 s",
+        ),
+        (
+            "SIGTERM to durable checkpoint, pipelined",
+            f"{pipelined_s:.2f} s",
+            f"floor + bare upload {floor_c + bare_s:.2f} s",
+            f"{pipelined_s / (floor_c + bare_s):.2f}x",
+            "< sequential",
+        ),
+        (
+            "pipelined vs bare upload alone",
+            f"{pipelined_s:.2f} s",
+            f"bare upload {bare_s:.2f} s",
+            f"{pipelined_s / bare_s:.2f}x",
+            "-> 1.0x",
+        ),
+        (
+            "pipelined vs sequential",
+            f"{pipelined_s:.2f} s",
+            f"sequential {sequential_s:.2f} s",
+            f"{pipelined_s / sequential_s:.2f}x",
+            "< 1.0x",
         ),
     ]
     print()

@@ -6,6 +6,10 @@ hashing the bytes as they are written, and commits the directory atomically with
 save is in flight: a second ``save`` first waits for the previous one (back-pressure), so memory
 never holds more than one snapshot beside the live state.
 
+Each file is written front to back, never sought back into, so the supervisor's uploader can stream
+it to the store while it grows; the commit (the manifest, then the rename) is what tells the uploader
+the file is finished and what it must hash to.
+
 RNG states (python, numpy, torch, CUDA) are captured as plain tensors and ints so checkpoints load
 with ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
 """
@@ -35,6 +39,7 @@ class _HashingWriter:
         self.digest = hashlib.sha256()
 
     def write(self, data: bytes | memoryview) -> int:
+        # Appending only: the hash of the stream is the hash of the file, here and for a streamed upload.
         self.digest.update(data)
         return self.fh.write(data)
 

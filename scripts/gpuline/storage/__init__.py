@@ -8,7 +8,8 @@ the trainer's disk and the next machine is caught at resume.
 
 Checkpoints travel with :func:`upload_checkpoint` / :func:`download_checkpoint`: files first, the
 manifest last, so a remote checkpoint without a manifest is incomplete by construction, however the
-upload was interrupted.
+upload was interrupted. :func:`stream_checkpoint` does the same for a checkpoint still being written,
+its parts leaving as they are serialised (:mod:`gpuline.storage.streaming`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gpuline.storage.checkpoints import (
 )
 from gpuline.storage.local import LocalStorage
 from gpuline.storage.s3 import S3Storage, transfer_config
+from gpuline.storage.streaming import StreamAborted, StreamingStorage, StreamResult, can_stream, stream_checkpoint
 
 __all__ = [
     "BACKENDS",
@@ -49,13 +51,18 @@ __all__ = [
     "RemoteCheckpoint",
     "S3Storage",
     "Storage",
+    "StreamAborted",
+    "StreamResult",
+    "StreamingStorage",
     "UploadCancelled",
+    "can_stream",
     "check_uri",
     "delete_checkpoint",
     "download_checkpoint",
     "open_storage",
     "prune_remote",
     "remote_checkpoints",
+    "stream_checkpoint",
     "transfer_config",
     "upload_checkpoint",
 ]

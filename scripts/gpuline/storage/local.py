@@ -1,4 +1,8 @@
-"""A store in a local directory: ``file://rel/or/abs`` (relative to gpuline.yml) or a plain path."""
+"""A store in a local directory: ``file://rel/or/abs`` (relative to gpuline.yml) or a plain path.
+
+:meth:`LocalStorage.put_stream` copies a file while it is written (see :mod:`gpuline.storage.streaming`)
+into a temporary name beside the object, which takes the object's name only once the copy is checked.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from gpuline.filelock import locked
@@ -23,6 +28,9 @@ from gpuline.storage.base import (
     sha256_file,
 )
 from gpuline.training import checkpoints
+
+if TYPE_CHECKING:
+    from gpuline.storage.streaming import PartSource
 
 
 def open_local(uri: str, base_dir: Path) -> LocalStorage:
@@ -45,6 +53,8 @@ def _write(target: Path, data: bytes) -> None:
 
 class LocalStorage:
     """A directory on a filesystem; writes are atomic (temp file, fsync, rename)."""
+
+    part_size = 8 * 1024 * 1024  # what a streamed copy reads and writes at a time
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -71,6 +81,18 @@ class LocalStorage:
         if cancel is not None and cancel():
             raise UploadCancelled(f"upload to {self.uri_for(key)} cancelled")
         self._write_atomically(self._path(key), lambda tmp: _copy(local, tmp))
+
+    def put_stream(self, source: PartSource, key: str, *, cancel: Cancel | None = None) -> None:
+        """Copy what ``source`` yields as it comes; the object appears once the source ends checked."""
+
+        def fill(tmp: Path) -> None:
+            with tmp.open("wb") as fh:
+                for data in source.parts(self.part_size):
+                    if cancel is not None and cancel():
+                        raise UploadCancelled(f"upload to {self.uri_for(key)} cancelled")
+                    fh.write(data)
+
+        self._write_atomically(self._path(key), fill)
 
     def get_file(self, key: str, local: Path) -> None:
         source = self._path(key)

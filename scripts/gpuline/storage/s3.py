@@ -2,18 +2,21 @@
 
 Multipart uploads go through a tuned transfer config; each object carries its sha256 in its
 metadata and reads check it. The client comes from :mod:`gpuline.adaptors.aws`, so boto3 is loaded
-only when the first call is made.
+only when the first call is made. :meth:`S3Storage.put_stream` uploads a file while it is written
+(see :mod:`gpuline.storage.streaming`), with the same part size and concurrency.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import secrets
+import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import CancelledError
+from collections.abc import Iterable, Iterator
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -36,6 +39,9 @@ from gpuline.storage.base import (
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+    from gpuline.storage.streaming import PartSource
 
 __all__ = ["S3Storage", "open_s3", "transfer_config"]
 
@@ -57,6 +63,7 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self._client = client
         self._config: TransferConfig | None = None
+        self._part_slots: threading.BoundedSemaphore | None = None
 
     @property
     def client(self) -> S3Client:
@@ -69,6 +76,13 @@ class S3Storage:
         if self._config is None:
             self._config = transfer_config()
         return self._config
+
+    @property
+    def part_slots(self) -> threading.BoundedSemaphore:
+        """Parts in flight across every streamed upload of this store: what bounds their memory."""
+        if self._part_slots is None:
+            self._part_slots = threading.BoundedSemaphore(self.config.max_request_concurrency)
+        return self._part_slots
 
     def _key(self, key: str) -> str:
         clean = check_key(key)
@@ -136,6 +150,67 @@ class S3Storage:
             manager.shutdown(cancel=cancelled)
         if cancelled:
             raise UploadCancelled(f"upload to {self.uri_for(key)} cancelled")
+
+    def put_stream(self, source: PartSource, key: str, *, cancel: Cancel | None = None) -> None:
+        """Upload what ``source`` yields as one object, each part as soon as the source has it.
+
+        A source that ends within its first part becomes one plain PUT (with its sha256 in the
+        metadata); a longer one a multipart upload, completed only once the source is exhausted
+        without an error and aborted on any error, so no half object and no open upload is left.
+        """
+        size = self.config.multipart_chunksize
+        parts = iter(source.parts(size))
+        head = next(parts, b"")
+        if len(head) < size:  # a short part is the last: the whole object is in hand
+            if next(parts, None) is not None:
+                raise InfraError(f"the stream for {self.uri_for(key)} went on after a short part")
+            self.put_bytes(key, head)
+            return
+        self._put_parts(key, itertools.chain([head], parts), cancel)
+
+    def _put_parts(self, key: str, parts: Iterable[bytes], cancel: Cancel | None) -> None:
+        with self._errors("streamed upload", key):
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._key(key))["UploadId"]
+        try:
+            done = self._upload_parts(key, upload_id, parts, cancel)
+            with self._errors("streamed upload", key):
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, MultipartUpload={"Parts": done}
+                )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+            raise
+
+    def _upload_parts(
+        self, key: str, upload_id: str, parts: Iterable[bytes], cancel: Cancel | None
+    ) -> list[CompletedPartTypeDef]:
+        """Each part in a thread as it comes, at most ``max_concurrency`` in flight for the whole store."""
+        slots = self.part_slots
+        futures: list[Future[CompletedPartTypeDef]] = []
+        with ThreadPoolExecutor(self.config.max_request_concurrency, thread_name_prefix="gpuline-part") as pool:
+            try:
+                for number, data in enumerate(parts, start=1):
+                    if cancel is not None and cancel():
+                        raise UploadCancelled(f"upload to {self.uri_for(key)} cancelled")
+                    for failed in (f for f in futures if f.done() and f.exception() is not None):
+                        failed.result()  # the first part that failed ends the upload now
+                    slots.acquire()
+                    future = pool.submit(self._upload_part, key, upload_id, number, data)
+                    future.add_done_callback(lambda _: slots.release())
+                    futures.append(future)
+                return [f.result() for f in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> CompletedPartTypeDef:
+        with self._errors("streamed upload", key):
+            response = self.client.upload_part(
+                Bucket=self.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number, Body=data
+            )
+        return {"ETag": response["ETag"], "PartNumber": number}
 
     def _expected_sha256(self, key: str) -> str | None:
         with self._errors("head", key):

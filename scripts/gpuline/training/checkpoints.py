@@ -9,11 +9,19 @@ The manifest is the commit record: a directory without a valid one is never comp
 holds. Committing writes under a temporary name, fsyncs every file, writes the manifest last, renames
 the directory into place and fsyncs the parent, so a crash at any instant leaves either the old state
 or a complete new checkpoint, never something in between that looks finished.
+
+While a commit is under way its writer holds an exclusive ``flock`` on the temporary directory, from
+before the first file appears until after the rename. An uploader that streams the files out while
+they are written learns the outcome from that and from the rename alone
+(:mod:`gpuline.training.commit_watch`): the directory became ``step-N`` with its manifest, or the lock
+was let go without it (the writer died or gave up: a lock dies with its process, even on SIGKILL). A
+pause in growth means nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +29,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,6 +163,8 @@ def commit_checkpoint(
 
     Give ``files`` (relative name -> existing file, copied in) or a ``writer`` that writes into the
     temporary directory it is handed, or both. An exception from the writer leaves nothing behind.
+    Files written front to back (appended, as ``torch.save`` does) can be streamed to the store while
+    they grow.
     """
     if files is None and writer is None:
         raise ValueError("commit_checkpoint needs files or a writer")
@@ -163,27 +173,70 @@ def commit_checkpoint(
     tmp = checkpoint_dir / f"{_TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        for rel, source in (files or {}).items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        returned = writer(tmp) if writer is not None else None
-        # Only a mapping counts as known hashes (a lambda around write_text returns an int).
-        known = returned if isinstance(returned, Mapping) else None
-        manifest = build_manifest(tmp, run_id=run_id, step=step, wall_time=wall_time, known_sha256=known)
-        for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}, reverse=True):
-            fsync_dir(sub)
-        write_manifest(tmp, manifest)
-        if final.exists():
-            # Re-committing a step (a resumed run saving the step it resumed at) replaces the old one;
-            # the old one stops being complete before it is removed.
-            _discard(final)
-        os.rename(tmp, final)
-        fsync_dir(checkpoint_dir)
+        with _writer_lock(tmp):
+            known = _fill(tmp, files or {}, writer)
+            manifest = build_manifest(tmp, run_id=run_id, step=step, wall_time=wall_time, known_sha256=known)
+            for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}, reverse=True):
+                fsync_dir(sub)
+            write_manifest(tmp, manifest)
+            if final.exists():
+                # Re-committing a step (a resumed run saving the step it resumed at) replaces the old
+                # one; the old one stops being complete before it is removed.
+                _discard(final)
+            os.rename(tmp, final)
+            fsync_dir(checkpoint_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _fill(tmp: Path, files: Mapping[str, Path], writer: Writer | None) -> Mapping[str, str] | None:
+    """Copy ``files`` in and run ``writer``; the hashes the writer says it computed, if any."""
+    for rel, source in files.items():
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    returned = writer(tmp) if writer is not None else None
+    # Only a mapping counts as known hashes (a lambda around write_text returns an int).
+    return returned if isinstance(returned, Mapping) else None
+
+
+# Lock descriptors held by commits under way in this process. A child forked meanwhile (a data
+# loader's worker) closes its copies, so the lock still dies with the writer, not with the child.
+_held_locks: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+@contextlib.contextmanager
+def _writer_lock(tmp: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the commit's directory while it is written (see commit_watch).
+
+    Where the filesystem has no flock the commit goes on unlocked: a watcher then sees no writer at
+    work and uploads the checkpoint only once it is committed, the ordinary way.
+    """
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a new directory: at most a watcher's probe holds it, briefly
+        _held_locks.add(fd)
+        yield
+    finally:
+        _held_locks.discard(fd)
+        os.close(fd)
 
 
 def adopt(step_dir: Path, *, run_id: str) -> Path:

@@ -3,6 +3,12 @@
 A background thread uploads while training goes on; :meth:`CheckpointUploader.flush` makes the
 newest one durable before the supervisor reports, retrying a little and then failing loudly, because
 a preempted machine takes its local disk with it.
+
+A checkpoint the trainer is still writing is streamed (when the store can): its parts leave as they
+are serialised, so on a stop the upload overlaps the save instead of waiting for it, and the manifest
+still goes last (:mod:`gpuline.storage.streaming`). A stream that stops short (the writer died, the
+bytes did not match) leaves nothing that claims completeness; a committed checkpoint is then uploaded
+the ordinary way.
 """
 
 from __future__ import annotations
@@ -14,9 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpuline.errors import InfraError
-from gpuline.storage import UploadCancelled, prune_remote, remote_checkpoints, upload_checkpoint
+from gpuline.storage import (
+    StreamAborted,
+    UploadCancelled,
+    can_stream,
+    prune_remote,
+    remote_checkpoints,
+    stream_checkpoint,
+    upload_checkpoint,
+)
 from gpuline.training import checkpoints
 from gpuline.training.checkpoints import CheckpointInfo
+from gpuline.training.commit_watch import CommitWatch, in_progress
 from gpuline.training.request import TrainRequest
 
 UPLOAD_POLL_S = 0.25
@@ -41,6 +56,10 @@ class CheckpointUploader(threading.Thread):
     store as soon as it arrived, so a trainer that commits faster than the network drains simply has
     its in-between checkpoints skipped.
     """
+
+    # Stream a checkpoint to the store while the trainer writes it. False uploads only committed
+    # checkpoints: the sequential path, which bench/checkpoint.py measures beside the streamed one.
+    streaming = True
 
     def __init__(
         self,
@@ -94,19 +113,53 @@ class CheckpointUploader(threading.Thread):
         """Once a stop is under way, an older upload gives way to the final checkpoint.
 
         Otherwise a long upload of the last interval checkpoint would hold back the one that must be
-        durable before the machine goes away.
+        durable before the machine goes away. The final one counts from its first written byte.
         """
 
         def check() -> bool:
             if not self.stopping.is_set():
                 return False
-            newest = checkpoints.complete(self.local_dir)
-            if newest and newest[-1][0] > step and newest[-1][0] not in self.uploaded:
-                self.req.log(f"upload of checkpoint step {step} cancelled: step {newest[-1][0]} supersedes it")
+            newest = checkpoints.complete(self.local_dir)[-1:]
+            newer = [s for s, _ in newest if s > step and s not in self.uploaded]
+            for watch in self._being_written():
+                watch.close()
+                newer += [watch.step] if watch.step > step else []
+            if newer:
+                self.req.log(f"upload of checkpoint step {step} cancelled: step {max(newer)} supersedes it")
                 return True
             return False
 
         return check
+
+    def _being_written(self) -> list[CommitWatch]:
+        """Commits under way with their writer at work and a file written, newest first (caller closes)."""
+        if not self.streaming or not can_stream(self.req.storage):
+            return []
+        found = []
+        for step, path in reversed(in_progress(self.local_dir)):
+            if step in self.uploaded:
+                continue  # a resumed run re-saving the step it resumed at: that step is durable already
+            try:
+                watch = CommitWatch(path)
+            except OSError:
+                continue  # committed or removed since the listing
+            # The writer locks before its first file, so with a file written a free lock means it is gone.
+            if watch.files() and watch.state() == "writing":
+                found.append(watch)
+            else:
+                watch.close()
+        return found
+
+    def _newest_being_written(self, newer_than: int | None) -> CommitWatch | None:
+        """The newest commit under way, if it is newer than ``newer_than`` (the newest committed step)."""
+        writing = self._being_written()
+        for other in writing[1:]:
+            other.close()
+        newest = writing[0] if writing else None
+        if newest is not None and newer_than is not None and newest.step <= newer_than:
+            newest.close()
+            return None
+        return newest
 
     def pending(self) -> list[tuple[int, Path]]:
         newest = checkpoints.complete(self.local_dir)[-self.req.keep :]
@@ -117,6 +170,12 @@ class CheckpointUploader(threading.Thread):
         with self._lock:
             self._adopt_manifestless()
             fresh = self.pending()
+            newest = self._newest_being_written(newer_than=fresh[-1][0] if fresh else None)
+            if newest is not None:
+                info = self._stream(newest)
+                if info is not None:
+                    return info
+                fresh = self.pending()  # committed meanwhile, to be uploaded whole; or nothing new
             if not fresh:
                 return None
             step, path = fresh[-1]
@@ -126,14 +185,39 @@ class CheckpointUploader(threading.Thread):
             info = upload_checkpoint(
                 self.req.storage, path, self.req.checkpoint_prefix, replace=False, cancel=self._superseded(step)
             )
-            self.uploaded[step] = info
-            self.req.log(f"checkpoint step {step} is durable at {info.uri}")
-            self.req.on_event("checkpoint", {"uri": info.uri, "step": step, "sha256": info.sha256})
-            for gone in prune_remote(self.req.storage, self.req.checkpoint_prefix, self.req.keep):
-                self.uploaded.pop(gone, None)
-            checkpoints.prune(self.local_dir, self.req.keep)
-            self.failures = 0
-            return info
+            return self._durable(step, info)
+
+    def _stream(self, watch: CommitWatch) -> CheckpointInfo | None:
+        """Stream the checkpoint being written; None when the stream stopped short (nothing claims completeness)."""
+        step = watch.step
+        self.req.log(f"streaming checkpoint step {step} to the store while it is written")
+        try:
+            result = stream_checkpoint(
+                self.req.storage,
+                watch,
+                self.req.checkpoint_prefix,
+                cancel=self._superseded(step),
+                stop_waiting=self._halt.is_set,
+                replace=False,
+            )
+        except StreamAborted as exc:
+            self.req.log(f"streamed upload of checkpoint step {step} stopped: {exc.message}")
+            return None
+        finally:
+            watch.close()
+        for name, reason in result.mismatched:
+            self.req.log(f"checkpoint step {step}: {name} uploaded again whole ({reason})")
+        return self._durable(step, result.info)
+
+    def _durable(self, step: int, info: CheckpointInfo) -> CheckpointInfo:
+        self.uploaded[step] = info
+        self.req.log(f"checkpoint step {step} is durable at {info.uri}")
+        self.req.on_event("checkpoint", {"uri": info.uri, "step": step, "sha256": info.sha256})
+        for gone in prune_remote(self.req.storage, self.req.checkpoint_prefix, self.req.keep):
+            self.uploaded.pop(gone, None)
+        checkpoints.prune(self.local_dir, self.req.keep)
+        self.failures = 0
+        return info
 
     def flush(self) -> None:
         """The newest committed checkpoint must be durable before we report; retry a little, then fail."""
