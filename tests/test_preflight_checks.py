@@ -207,6 +207,57 @@ def test_gates_on_metrics_the_script_writes_pass(tmp_path: Path, capsys: pytest.
     assert body["checks"]["gate metrics"] == "2 gate(s) read metrics the script writes"
 
 
+# A smoke run that leaves a model behind, and an eval.command that scores it (or crashes on it).
+WRITES_MODEL = TINY_TRAIN.replace(
+    "        sys.exit(0)",
+    "        out = pathlib.Path(os.environ['GPULINE_OUTPUT_DIR'])\n"
+    "        out.mkdir(parents=True, exist_ok=True)\n"
+    "        (out / 'model.bin').write_bytes(b'weights')\n"
+    "        sys.exit(0)",
+)
+EVALUATE = """
+import json, os, pathlib, sys
+assert (pathlib.Path(os.environ["GPULINE_MODEL_PATH"]) / "model.bin").read_bytes() == b"weights"
+if os.environ.get("CRASH"):
+    sys.exit(3)
+pathlib.Path(os.environ["GPULINE_EVAL_PATH"]).write_text(json.dumps({"accuracy": 0.1, "loss": 2.0}))
+"""
+
+
+def eval_project(root: Path, gate: str) -> Path:
+    extra = f"eval:\n  command: [python, evaluate.py]\n  gates:\n    - {gate}\n"
+    config = write_project(root, spec_extra=extra, train_py=WRITES_MODEL)
+    (root / "evaluate.py").write_text(EVALUATE)
+    return config
+
+
+def test_gates_are_checked_on_what_eval_command_writes_for_the_smoke_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, body, err = preflight(capsys, eval_project(tmp_path / "ok", "{metric: accuracy, min: 0.5}"))
+    assert code == 0, err
+    # The smoke model is barely trained: its accuracy (0.1) is below the gate, and that is not preflight's call.
+    assert body["checks"]["gate metrics"] == "1 gate(s) read metrics eval.command writes"
+    config = eval_project(tmp_path / "typo", "{metric: acuracy, min: 0.5}")
+    code, _body, err = preflight(capsys, config)
+    assert code == 2, err
+    line = one_line(err)
+    assert f"{config}:21: eval.gates[0].metric: eval.command writes no metric 'acuracy'" in line
+    assert "(it writes: accuracy, loss)" in line
+
+
+def test_an_eval_command_that_fails_on_the_smoke_model_leaves_the_gates_to_eval_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRASH", "1")
+    code, body, err = preflight(capsys, eval_project(tmp_path / "p", "{metric: accuracy, min: 0.5}"))
+    assert code == 0, err
+    assert body["checks"]["gate metrics"] == (
+        "1 gate(s); eval.command exited 3 on the smoke model (eval-gate runs it on the trained one), "
+        "so none could be checked"
+    )
+
+
 def test_gates_are_not_guessed_at_when_the_script_writes_no_metrics_in_smoke_mode(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

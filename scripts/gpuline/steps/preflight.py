@@ -14,13 +14,14 @@ from typing import Any, cast
 from gpuline import contract, gha, ledger, registry, storage
 from gpuline.context import Context
 from gpuline.decisions.pricing import load_catalog
-from gpuline.errors import ConfigError, InputError, Location, PolicyDenied, clip, clip_repr
+from gpuline.errors import ConfigError, InputError, Location, PolicyDenied, clip_repr
 from gpuline.providers import PROVIDERS, check_nodes
 from gpuline.results import PreflightResult
 from gpuline.runs import RunRecord
 from gpuline.spec import TIERS, Spec, Tier
 from gpuline.stage import recorded
-from gpuline.training import check_entrypoint_imports, compat, dataset, entry_command, smoke_test
+from gpuline.training import check_entrypoint_imports, compat, dataset, entry_command, smoke_gates, smoke_test
+from gpuline.training.smoke_gates import SmokeMetrics, smoke_metrics
 from gpuline.yamlsource import dotted
 
 SMOKE_TIMEOUT_S = 180
@@ -56,9 +57,9 @@ def preflight(ctx: Context) -> PreflightResult:
             rows.append(("entrypoint", check_entrypoint(ctx, spec)))
             rows += check_hooks(ctx, spec)
         with phase("smoke", "one-batch overfit smoke test (CPU)"):
-            smoke_line, step_s, metrics = smoke(ctx, spec, record)
+            smoke_line, step_s, found = smoke(ctx, spec, record)
             rows.append(("smoke test", smoke_line))
-            rows.append(("gate metrics", check_gate_metrics(ctx, spec, metrics)))
+            rows.append(("gate metrics", check_gate_metrics(ctx, spec, found)))
     # Where a reviewer's wait goes, on stderr and in --json: the PR tier's own time is measured too.
     print("preflight phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()), file=sys.stderr)
     return PreflightResult(
@@ -239,29 +240,14 @@ def check_steps(ctx: Context) -> str:
     return f"{steps} steps" if steps is not None else "not given (the estimate is bounded by max_duration)"
 
 
-def check_gate_metrics(ctx: Context, spec: Spec, metrics: dict[str, Any] | None) -> str:
-    """Every gate names a metric the script writes, when its smoke run wrote its eval metrics: a gate
-    that cannot be read fails only after training, on a GPU that was paid for."""
-    gates = spec.eval.gates
-    if not gates:
-        return "no gates"
-    if spec.eval.command:
-        return f"{len(gates)} gate(s) on what eval.command writes (read in eval-gate)"
-    if metrics is None:
-        return f"{len(gates)} gate(s); the script wrote no eval metrics in smoke mode, so none could be checked"
-    for i, gate in enumerate(gates):
-        source = metrics if gate.slice is None else (metrics.get("slices") or {}).get(gate.slice)
-        key = "metric" if isinstance(source, dict) else "slice"
-        if isinstance(source, dict) and gate.metric in source:
-            continue
-        names = sorted(str(k) for k in (source if isinstance(source, dict) else metrics.get("slices") or {}))
-        what = f"metric {gate.metric!r}" if key == "metric" else f"slice {gate.slice!r}"
-        raise ConfigError(
-            f"the script writes no {what} in its eval metrics (it writes: {clip(', '.join(names) or 'none', 200)})",
-            location=Location(ctx.config_path, ctx.line_of(("eval", "gates", i, key)), field=f"eval.gates[{i}].{key}"),
-            hint=f"name one the script writes in eval.gates[{i}].{key}, or write it from the script",
-        )
-    return f"{len(gates)} gate(s) read metrics the script writes"
+def check_gate_metrics(ctx: Context, spec: Spec, found: SmokeMetrics) -> str:
+    return smoke_gates.check(
+        spec.eval.gates,
+        found,
+        lambda i, key: Location(
+            ctx.config_path, ctx.line_of(("eval", "gates", i, key)), field=f"eval.gates[{i}].{key}"
+        ),
+    )
 
 
 def _where(ctx: Context, tier: str | None, section: str, key: str) -> Location:
@@ -352,7 +338,7 @@ def check_entrypoint(ctx: Context, spec: Spec) -> str:
     return f"`{path.name}` imports"
 
 
-def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | None, dict[str, Any] | None]:
+def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | None, SmokeMetrics]:
     path = dataset.resolve(spec, ctx.project_dir, ctx.config_path, ctx.workdir(record.run_id))
     result = smoke_test(
         entry_command(spec.entrypoint.command, ctx.inputs.python),
@@ -387,4 +373,4 @@ def smoke(ctx: Context, spec: Spec, record: RunRecord) -> tuple[str, float | Non
         timings=result.timings.to_json() if result.timings else None,
     )
     line = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps on one batch"
-    return line, step_s, result.eval_metrics
+    return line, step_s, smoke_metrics(spec, result)

@@ -49,6 +49,16 @@ class TimedSmokeResult(SmokeResult):
     """The smoke result with what it measured for the estimate's phases."""
 
     timings: SmokeTimings | None = None
+    # eval.command run on the smoke model: what it wrote, or why it could not say (None: not run).
+    evaluated: SmokeEval | None = None
+
+
+@dataclass
+class SmokeEval:
+    """eval.command on the smoke run's model: its exit code and the metrics it wrote (when it did)."""
+
+    exit_code: int | None
+    metrics: dict[str, Any] | None
 
 
 def smoke_test(
@@ -96,10 +106,20 @@ def smoke_test(
         # check the gates against them before a GPU trains a model whose gates cannot be read.
         eval_metrics = read_eval(paths.eval) if paths.eval.is_file() else None
         timings = measure(rows, launched, wall, paths.checkpoints)
-        if eval_command and timings is not None and _has_files(paths.output):
-            timings.eval_s = _time_eval(eval_command, cwd, env, paths, timeout_s)
+        evaluated = None
+        if eval_command and _has_files(paths.output):
+            took, evaluated = _time_eval(eval_command, cwd, env, paths, timeout_s)
+            if timings is not None:
+                timings.eval_s = took
         return TimedSmokeResult(
-            base.losses, base.fell, base.step_seconds, code, lines, eval_metrics=eval_metrics, timings=timings
+            base.losses,
+            base.fell,
+            base.step_seconds,
+            code,
+            lines,
+            eval_metrics=eval_metrics,
+            timings=timings,
+            evaluated=evaluated,
         )
 
 
@@ -148,16 +168,25 @@ def _has_files(folder: Path) -> bool:
     return folder.is_dir() and any(f.is_file() for f in folder.rglob("*"))
 
 
-def _time_eval(command: list[str], cwd: Path, env: dict[str, str], paths: RunPaths, timeout_s: float) -> float | None:
-    """Seconds eval.command takes on the smoke run's model; None when it does not finish cleanly (the
-    smoke model is barely trained: eval-gate, not preflight, judges what the command reports)."""
-    env = {**env, contract.MODEL_PATH: str(paths.output), contract.EVAL_PATH: str(paths.root / "smoke-eval.json")}
+def _time_eval(
+    command: list[str], cwd: Path, env: dict[str, str], paths: RunPaths, timeout_s: float
+) -> tuple[float | None, SmokeEval]:
+    """Seconds eval.command takes on the smoke run's model (None when it does not finish cleanly) and
+    what it wrote. The smoke model is barely trained: eval-gate, not preflight, judges the values;
+    preflight checks only that the gates' metrics are among the names."""
+    out = paths.root / "smoke-eval.json"
+    env = {**env, contract.MODEL_PATH: str(paths.output), contract.EVAL_PATH: str(out)}
     started = time.monotonic()
     try:
         code, _ = _run_to_exit(command, cwd, env, timeout_s, shlex.join(command))
     except InputError:
-        return None
-    return time.monotonic() - started if code == 0 else None
+        return None, SmokeEval(None, None)
+    took = time.monotonic() - started
+    try:
+        metrics = read_eval(out) if code == 0 and out.is_file() else None
+    except InputError:
+        metrics = None
+    return (took if code == 0 else None), SmokeEval(code, metrics)
 
 
 def _run_to_exit(
