@@ -27,7 +27,8 @@ from gpuline.lease.ledger_phases import paid_time
 from gpuline.ledger.sqlite import SqliteLedger
 from gpuline.phases import PHASES, TOLERANCE, Phase, PhaseAccumulator, accounted, actual_phases, unaccounted
 from gpuline.providers.ec2 import billed_span_of, transition_time
-from gpuline.render.summary import phase_bar, phase_chart, status_table
+from gpuline.render.phase_bar import phase_bar, phase_chart
+from gpuline.render.status_table import status_table
 from gpuline.runs import Event, RunRecord
 from gpuline.steps.report import render, weekly
 

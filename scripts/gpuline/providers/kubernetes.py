@@ -1,6 +1,7 @@
 """Kubernetes through the official client: a lease is a workload the cluster ends at the TTL: a Job, or
 for more than one node the engine the cluster runs (a Kubeflow TrainJob or PyTorchJob, else an Indexed
-Job with a headless Service; :mod:`gpuline.providers.k8s_workloads` has the kinds side by side).
+Job with a headless Service; :mod:`gpuline.providers.k8s_workloads` has the kinds side by side, and
+:mod:`gpuline.providers.k8s_discovery` finds which one the cluster serves).
 
 What is created carries gpuline labels (``gpuline/run-id``, ``gpuline/lease-id``, ``gpuline/managed``,
 ``gpuline/expires-at`` as epoch seconds) and the full tags as annotations, so ``list_owned`` finds it
@@ -19,6 +20,7 @@ from typing import Any
 from gpuline.errors import ConfigError, GpulineError, InfraError, NotFoundError
 from gpuline.providers import k8s_queue
 from gpuline.providers.base import TAG_EXPIRES_AT, TAG_LEASE_ID, TAG_MANAGED, LeaseRequest, Machine, MachineState
+from gpuline.providers.k8s_discovery import check_runtime, custom_api, discovered_engine
 from gpuline.providers.k8s_errors import as_error, status_of
 from gpuline.providers.k8s_follow import Followed, WorkloadFollower
 from gpuline.providers.k8s_manifests import (
@@ -31,8 +33,6 @@ from gpuline.providers.k8s_manifests import (
 from gpuline.providers.k8s_objects import is_ours, job_id, launched_at, owner_reference, raw_json
 from gpuline.providers.k8s_workloads import (
     CUSTOM,
-    PYTORCHJOB,
-    TRAINJOB,
     WorkloadKind,
     has_active_pods,
     kind_of,
@@ -45,9 +45,6 @@ from gpuline.providers.testhooks import pause_at
 from gpuline.runs import utcnow
 
 _MANAGED = f"{label_key(TAG_MANAGED)}=true"
-# auto: the first engine whose API the cluster serves; an Indexed Job needs nothing installed.
-_ENGINES: tuple[tuple[Engine, WorkloadKind], ...] = (("trainjob", TRAINJOB), ("pytorchjob", PYTORCHJOB))
-_RUNTIMES = ("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes")
 
 
 class KubernetesProvider:
@@ -119,7 +116,7 @@ class KubernetesProvider:
         created_at = utcnow().isoformat(timespec="seconds")
         engine = self._engine() if request.spec.resources.nodes > 1 else "indexed-job"
         if engine == "trainjob":
-            self._check_runtime()
+            check_runtime(self._custom, self.options.runtime)
         manifests = build_manifests(request, self.options, created_at=created_at, engine=engine)
         workload, *rest = manifests
         created = self._create(workload)
@@ -142,35 +139,7 @@ class KubernetesProvider:
         choice = self.options.multi_node
         if choice != "auto":
             return choice
-        return next((engine for engine, kind in _ENGINES if self._serves(kind)), "indexed-job")
-
-    def _serves(self, kind: WorkloadKind) -> bool:
-        """Whether the API server serves ``kind`` (its CRD is installed): the group version's discovery."""
-        group, version, plural = _api(kind)
-        try:
-            resources = self._custom().get_api_resources(group, version)
-        except Exception as exc:
-            if status_of(exc) in (404, 403):
-                return False
-            raise as_error(exc, f"looking for the {kind.kind} CRD ({group}/{version})") from None
-        return any(r.name == plural for r in (resources.resources or []))
-
-    def _check_runtime(self) -> None:
-        """Fail before the lease's workload exists when the TrainJob's runtime does not: the Trainer
-        would only mark it failed later. Unknowable without read access to runtimes: then not checked."""
-        group, version, plural = _RUNTIMES
-        name = self.options.runtime
-        try:
-            self._custom().get_cluster_custom_object(group, version, plural, name, _preload_content=False)
-        except Exception as exc:
-            if status_of(exc) == 404:
-                raise ConfigError(
-                    f"the cluster has no ClusterTrainingRuntime {name!r} for the TrainJob",
-                    hint="install Kubeflow Trainer's runtimes (torch-distributed), name another with "
-                    "resources.options.runtime, or set multi_node: pytorchjob or indexed-job",
-                ) from None
-            if status_of(exc) != 403:
-                raise as_error(exc, f"reading ClusterTrainingRuntime {name}") from None
+        return discovered_engine(self._custom)
 
     def _create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         kind, ns = manifest["kind"], manifest["metadata"]["namespace"]
@@ -184,7 +153,7 @@ class KubernetesProvider:
             elif kind == "PodGroup":  # scheduler: volcano (k8s_queue)
                 return k8s_queue.create_podgroup(self, manifest)
             elif kind in (k.kind for k in CUSTOM):
-                group, version, plural = _api(kind_of(manifest))
+                group, version, plural = custom_api(kind_of(manifest))
                 return raw_json(
                     self._custom().create_namespaced_custom_object(
                         group, version, ns, plural, manifest, _preload_content=False
@@ -304,7 +273,7 @@ class KubernetesProvider:
         return [m for m in machines if m.state != "terminated"]
 
     def _list_custom(self, kind: WorkloadKind, ns: str) -> list[dict[str, Any]]:
-        group, version, plural = _api(kind)
+        group, version, plural = custom_api(kind)
         try:
             body = raw_json(
                 self._custom().list_namespaced_custom_object(
@@ -407,12 +376,6 @@ class KubernetesProvider:
         if obj.get("metadata", {}).get("deletionTimestamp"):
             return "stopping"
         return "running" if has_active_pods(obj) else "pending"
-
-
-def _api(kind: WorkloadKind) -> tuple[str, str, str]:
-    if kind.api is None:  # pragma: no cover - only custom kinds are asked for
-        raise InfraError(f"{kind.kind} is not a custom resource")
-    return kind.api
 
 
 __all__ = ["KubernetesProvider", "job_id"]

@@ -8,13 +8,14 @@ as separate workflow steps.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from gpuline import gha
-from gpuline.phases import PHASES, USEFUL, Phase, nonzero
 from gpuline.registry.base import StageChange
 from gpuline.render.markdown import key_value_table, markdown_table, mermaid_line_chart
+from gpuline.render.phase_bar import phase_chart, phase_line
+from gpuline.render.status_table import status_table
 from gpuline.results import (
     DataResult,
     EstimateResult,
@@ -24,13 +25,12 @@ from gpuline.results import (
     PipelineResult,
     PreflightResult,
     PromoteResult,
-    ProvisionResult,
     RollbackResult,
     StatusResult,
     StepResult,
-    TeardownResult,
     TrainResult,
 )
+from gpuline.results_lease import ProvisionResult, TeardownResult
 from gpuline.results_verify import VerifyResult
 from gpuline.runs import GateVerdict, RunRecord
 
@@ -186,56 +186,6 @@ def _teardown(r: StepResult) -> str:
     return md
 
 
-# One colour per phase: GitHub draws these squares in colour, so the bar reads as a stacked chart.
-PHASE_MARK: dict[Phase, str] = {
-    "boot": "🟪",
-    "setup": "🟧",
-    "queue": "🟫",
-    "train": "🟩",
-    "checkpoint": "🟨",
-    "eval": "🟦",
-    "idle": "⬜",
-    "teardown": "🟥",
-}
-BAR_CELLS = 20  # 5% a square
-
-
-def phase_bar(phases: Mapping[Phase, float], cells: int = BAR_CELLS) -> str:
-    """The phases as one bar of ``cells`` squares, each phase's share rounded so the squares add up
-    (largest remainder); empty when nothing was paid."""
-    total = sum(phases.get(p, 0.0) for p in PHASES)
-    if total <= 0:
-        return ""
-    exact = {p: phases.get(p, 0.0) / total * cells for p in PHASES}
-    counts = {p: int(v) for p, v in exact.items()}
-    for p in sorted(PHASES, key=lambda p: counts[p] - exact[p])[: cells - sum(counts.values())]:
-        counts[p] += 1
-    return "".join(PHASE_MARK[p] * counts[p] for p in PHASES)
-
-
-def phase_chart(phases: Mapping[Phase, float], queue_seconds: float = 0.0) -> str:
-    """The job summary's stacked bar of the paid GPU-seconds, with a legend table under it."""
-    total = sum(phases.get(p, 0.0) for p in PHASES)
-    if total <= 0:
-        return ""
-    useful = sum(phases.get(p, 0.0) for p in USEFUL)
-    # Phases under a twentieth of a second would only show as 0.0; the paid row keeps the sum in view.
-    shown = [(p, seconds) for p, seconds in nonzero(phases) if seconds >= 0.05]
-    rows = [(f"{PHASE_MARK[p]} {p}", f"{seconds:,.1f}", f"{seconds / total:.0%}") for p, seconds in shown]
-    rows.append(("paid", f"{total:,.1f}", "100%"))
-    table = markdown_table(("phase", "GPU-seconds", "share"), rows)
-    unpaid = f" The workload waited {queue_seconds:,.0f} s for admission, not paid." if queue_seconds > 0 else ""
-    return (
-        f"**Paid GPU-seconds by phase:** {total:,.1f}, of which useful (train + eval) {useful / total:.0%}."
-        f"{unpaid}\n\n{phase_bar(phases)}\n\n{table}\n"
-    )
-
-
-def phase_line(phases: Mapping[Phase, float]) -> str:
-    """``setup 7.2 · train 0.4 · eval 4.4`` for log lines and the status table (nonzero phases only)."""
-    return " · ".join(f"{p} {s:,.1f}" for p, s in nonzero(phases) if s >= 0.05)
-
-
 def _rollback(r: StepResult) -> str:
     assert isinstance(r, RollbackResult)
     return (
@@ -364,49 +314,6 @@ def _status_lines(r: StepResult, json_mode: bool) -> list[str]:
         return []
     events = {b.get("run_id"): b["events"] for b in r.bodies if isinstance(b.get("events"), list)}
     return status_table(r.records, events)
-
-
-STATUS_HEADER = ("RUN", "TIER", "STATUS", "STAGE", "GPU-S", "USD", "VERSION", "COMMIT")
-_RIGHT = {"GPU-S", "USD"}
-
-
-def status_table(records: list[RunRecord], events: dict[object, list[dict[str, object]]] | None = None) -> list[str]:
-    """One row per run, each column as wide as its widest cell (a version such as "v12 production"
-    never runs into the commit), the run's error under it, and its events when asked for."""
-    if not records:
-        return ["no runs yet"]
-    rows = [STATUS_HEADER, *(_status_row(r) for r in records)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(STATUS_HEADER))]
-
-    def line(row: tuple[str, ...]) -> str:
-        cells = [c.rjust(w) if h in _RIGHT else c.ljust(w) for h, c, w in zip(STATUS_HEADER, row, widths, strict=True)]
-        return " ".join(cells).rstrip()
-
-    lines = [line(STATUS_HEADER)]
-    for record, row in zip(records, rows[1:], strict=True):
-        lines.append(line(row))
-        if record.error:
-            lines.append(f"{'':{widths[0]}} error: {record.error}")
-        if record.phase_gpu_seconds:
-            lines.append(f"{'':{widths[0]}} GPU-seconds by phase: {phase_line(record.phase_gpu_seconds)}")
-        lines += [f"{'':{widths[0]}} {_event_line(e)}" for e in (events or {}).get(record.run_id, [])]
-    return lines
-
-
-def _status_row(r: RunRecord) -> tuple[str, ...]:
-    version = f"v{r.promoted_version} {r.promoted_stage}" if r.promoted_version else ""
-    usd = f"{r.actual_usd:.2f}" if r.actual_usd is not None else "-"
-    return (r.run_id, r.tier, r.status, r.stage, f"{r.gpu_seconds:.0f}", usd, version, r.lineage.commit[:10])
-
-
-def _event_line(event: dict[str, object]) -> str:
-    """``#seq  time  kind  data`` for one event, its data on one line and clipped."""
-    data = event.get("data") or {}
-    shown = json.dumps(data, default=str, separators=(",", ":")) if data else ""
-    if len(shown) > 200:
-        shown = shown[:199] + "…"
-    at = str(event.get("at", ""))[:19].replace("T", " ")
-    return f"#{event.get('seq', '?')!s:>3} {at} {event.get('kind', '')} {shown}".rstrip()
 
 
 def _data_lines(r: StepResult, json_mode: bool) -> list[str]:

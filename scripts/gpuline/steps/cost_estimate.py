@@ -20,7 +20,7 @@ from gpuline.context import Context
 from gpuline.decisions import quota
 from gpuline.decisions.cost import CostEstimate, DurationEstimate, estimate, estimate_duration
 from gpuline.decisions.phases import PhaseEstimate, SmokeTimings
-from gpuline.decisions.policy import approvals_from
+from gpuline.decisions.policy import Decision, approvals_from
 from gpuline.decisions.policy_source import ProposedChange, proposed_change, read_at_ref
 from gpuline.decisions.pricing import CATALOG_FILE, Catalog, load_catalog
 from gpuline.decisions.queue import estimate_wait
@@ -65,58 +65,86 @@ def cost_estimate(
         smoke = smoke_timings(ctx.ledger, record.run_id)
         data_bytes = dataset_bytes(spec, ctx.config_path.parent, ctx.workdir(record.run_id))
         duration_of = _durations(ctx.ledger, catalog, record.smoke_step_s, smoke, data_bytes)
-        est = estimate(spec, catalog, duration_of(spec))
-        now = utcnow()
-        queue = estimate_wait(ctx.ledger, ctx.policy, spec.resources.lane, now)
-        with_queue(est, queue.expected_wait_s, queue.worst_wait_s)
-        request = quota.Request(
-            run_id=record.run_id,
-            spec=spec,
-            base_spec=ctx.base_spec,
-            tier=target,
-            policy=ctx.policy,
-            estimate=est,
-            approvals=approvals_from(ctx.policy, labels, ctx.inputs.approved_environment),
-            queue=queue,
-            catalog=catalog,
-            duration_of=duration_of,
-            now=now,
-        )
+        request = _budget_request(ctx, record.run_id, spec, target, labels, catalog, duration_of)
         # pr-fast buys nothing, so nothing is held for it.
         hold = reserve and ctx.tier != "pr-fast"
         decision, reserved = quota.admit(ctx.ledger, request, hold=hold, on_retry=_say_retrying)
         base = _base_estimate(ctx, base_ref, catalog, target, smoke, data_bytes) if base_ref else None
-        _keep_estimate(ctx.ledger, record.run_id, est)
+        _keep_estimate(ctx.ledger, record.run_id, request.estimate)
         ctx.event(
             "cost.estimated",
-            estimate=est.to_json(),
+            estimate=request.estimate.to_json(),
             decision=decision.to_json(),
-            queue=queue.to_json(),
+            queue=request.queue.to_json(),
             estimate_tier=target,
             reserved=reserved,
         )
-        comment = render_comment(
-            est, decision, base, policy=ctx.policy, run_id=record.run_id, tier=target, queue=queue, proposed=proposed
-        )
-        comment_path = ctx.workdir(record.run_id) / "cost-comment.md"
-        comment_path.write_text(comment, encoding="utf-8")
-        result = EstimateResult(
-            run_id=record.run_id,
-            estimate_tier=target,
-            estimate=est.to_json(),
-            decision=decision.to_json(),
-            queue=queue.to_json(),
-            reserved=reserved,
-            base=base.to_json() if base else None,
-            comment=comment,
-            comment_path=str(comment_path),
-            chart=cost_chart(ctx.ledger.list_runs(model=spec.model.name, limit=CHART_RUNS * 3), CHART_RUNS),
-            log_lines=log_lines(est, decision, queue),
-        )
+        result = _estimate_result(ctx, request, decision, reserved, base, proposed)
         if decision.decision == "deny":
             denied = PolicyDenied("; ".join(decision.reasons), hint="; ".join(decision.suggestions) or None)
             raise denied.with_result(result)
     return result
+
+
+def _budget_request(
+    ctx: Context,
+    run_id: str,
+    spec: Spec,
+    tier: str,
+    labels: frozenset[str],
+    catalog: Catalog,
+    duration_of: Callable[[Spec], DurationEstimate],
+) -> quota.Request:
+    """What the run asks of the budgets: its estimate, with the wait for a machine in the lane as its
+    first phase, and the approvals its labels and environment carry."""
+    est = estimate(spec, catalog, duration_of(spec))
+    now = utcnow()
+    queue = estimate_wait(ctx.ledger, ctx.policy, spec.resources.lane, now)
+    with_queue(est, queue.expected_wait_s, queue.worst_wait_s)
+    return quota.Request(
+        run_id=run_id,
+        spec=spec,
+        base_spec=ctx.base_spec,
+        tier=tier,
+        policy=ctx.policy,
+        estimate=est,
+        approvals=approvals_from(ctx.policy, labels, ctx.inputs.approved_environment),
+        queue=queue,
+        catalog=catalog,
+        duration_of=duration_of,
+        now=now,
+    )
+
+
+def _estimate_result(
+    ctx: Context,
+    request: quota.Request,
+    decision: Decision,
+    reserved: bool,
+    base: CostEstimate | None,
+    proposed: list[ProposedChange],
+) -> EstimateResult:
+    """The estimate as people see it: the PR comment (kept as a file too), the chart of the model's
+    past runs and the log lines."""
+    est, queue, run_id = request.estimate, request.queue, request.run_id
+    comment = render_comment(
+        est, decision, base, policy=ctx.policy, run_id=run_id, tier=request.tier, queue=queue, proposed=proposed
+    )
+    comment_path = ctx.workdir(run_id) / "cost-comment.md"
+    comment_path.write_text(comment, encoding="utf-8")
+    return EstimateResult(
+        run_id=run_id,
+        estimate_tier=request.tier,
+        estimate=est.to_json(),
+        decision=decision.to_json(),
+        queue=queue.to_json(),
+        reserved=reserved,
+        base=base.to_json() if base else None,
+        comment=comment,
+        comment_path=str(comment_path),
+        chart=cost_chart(ctx.ledger.list_runs(model=request.spec.model.name, limit=CHART_RUNS * 3), CHART_RUNS),
+        log_lines=log_lines(est, decision, queue),
+    )
 
 
 def _trusted_catalog(ctx: Context) -> tuple[Catalog, list[ProposedChange]]:

@@ -22,7 +22,7 @@ from gpuline.providers import PROVIDERS, check_nodes
 from gpuline.providers.base import LeaseRequest, RunnerRequest
 from gpuline.providers.failover import CapacityExhausted
 from gpuline.providers.testhooks import pause_at
-from gpuline.results import ProvisionResult
+from gpuline.results_lease import ProvisionResult
 from gpuline.runs import RunRecord
 from gpuline.spec import Spec
 from gpuline.stage import recorded

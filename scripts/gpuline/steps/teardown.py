@@ -25,7 +25,7 @@ from gpuline.errors import GpulineError, InfraError, clip
 from gpuline.lease import runner
 from gpuline.lease.close import close_record, closed_copy, release_machine
 from gpuline.render.cost_comment import actual_section
-from gpuline.results import TeardownResult
+from gpuline.results_lease import TeardownResult
 from gpuline.runs import RunRecord, utcnow
 
 T = TypeVar("T")
