@@ -110,20 +110,3 @@ def write_project(root: Path, *, spec_extra: str = "", policy: str | None = None
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Path]:
     yield write_project(tmp_path / "proj")
-
-
-# Tests that share an expensive module-scoped result (one act run, one trained example) or that
-# follow each other's state run on one xdist worker, in order; every other test goes wherever a
-# worker is free (pytest runs with `--dist loadgroup`).
-_SHARED_RESULTS = ("pr_runs", "shared_run", "nightly", "workspace")
-_IN_ORDER = ("test_e2e_tiers.py",)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.path.name
-        shared = [name for name in _SHARED_RESULTS if name in getattr(item, "fixturenames", ())]
-        if module in _IN_ORDER:
-            item.add_marker(pytest.mark.xdist_group(module))
-        elif shared:
-            item.add_marker(pytest.mark.xdist_group(f"{module}:{shared[0]}"))
