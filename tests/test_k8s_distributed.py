@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
+from crds import closed
 from gpuline import contract
 from gpuline.errors import ConfigError
 from gpuline.ledger.sqlite import SqliteLedger
@@ -52,23 +53,6 @@ HANDOVER = [
 
 
 # ---------------------------------------------------------------- the published schemas
-
-
-def closed(schema: Any) -> Any:
-    """The schema as the API server applies it: a field it does not know is pruned (dropped without a
-    word), so here it is an error; only ``x-kubernetes-preserve-unknown-fields`` keeps one open."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if (
-        "properties" in out
-        and "additionalProperties" not in out
-        and not out.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    return out
 
 
 def schema_errors(manifest: dict[str, Any], crd: str) -> list[str]:

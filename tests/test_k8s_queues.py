@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from conftest import write_project
+from crds import closed
 from gpuline.cli import main
 from gpuline.decisions.cost import actual_cost
 from gpuline.decisions.pricing import load_catalog
@@ -49,23 +50,6 @@ WORKLOADS = ("kueue.x-k8s.io", "v1beta1", "workloads")
 
 
 # ---------------------------------------------------------------- the published schemas
-
-
-def closed(schema: Any) -> Any:
-    """The schema with unknown fields refused wherever it lists the known ones (as a strict API server
-    would), so a misspelt field fails here instead of being dropped by the cluster."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if (
-        "properties" in out
-        and "additionalProperties" not in out
-        and not out.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out["additionalProperties"] = False
-    return out
 
 
 @cache
