@@ -11,7 +11,6 @@ emulator's watch events, and the CLI returns when the workload has ended."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,8 +28,8 @@ from gpuline.providers.k8s_manifests import KubernetesOptions, build_manifests
 from gpuline.providers.k8s_workloads import PYTORCHJOB, TRAINJOB, WorkloadKind
 from gpuline.providers.kubernetes import KubernetesProvider
 from gpuline.storage import open_storage
-from kubelet import KubeletDaemon
-from servers import FAKE_CREDENTIALS, aws_env, moto_server  # noqa: F401
+from servers import aws_env, moto_server  # noqa: F401
+from test_k8s_pipeline import BUCKET, IMAGE, bucket, kubelet  # noqa: F401
 from test_provider_kubernetes import lease
 
 if TYPE_CHECKING:
@@ -41,8 +40,6 @@ pytest_plugins = ["fixtures_k8s"]
 
 CRDS = Path(__file__).parent / "data" / "crds"
 EXAMPLE = Path(__file__).resolve().parents[1] / "templates" / "example"
-IMAGE = "registry.example/train:1"
-BUCKET = "cluster"
 STORAGE = f"s3://{BUCKET}/artifacts"
 IN_POD = ["python", "-m", "gpuline.training.in_pod", "--"]
 HANDOVER = [
@@ -264,23 +261,6 @@ def gpuline(project: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     return done.returncode, json.loads(done.stdout), done.stderr
 
 
-@pytest.fixture
-def bucket(request: pytest.FixtureRequest) -> MotoServer:
-    import boto3
-
-    server: MotoServer = request.getfixturevalue("aws_env")
-    boto3.client("s3", endpoint_url=str(server)).create_bucket(Bucket=BUCKET)
-    return server
-
-
-def node_daemon(k8s: K8sEmulator, project: Path, root: Path) -> KubeletDaemon:
-    from kubernetes import config
-
-    api = config.new_client_from_config(config_file=str(k8s.kubeconfig))
-    aws = {k: os.environ[k] for k in (*FAKE_CREDENTIALS, "AWS_ENDPOINT_URL")}
-    return KubeletDaemon(api, images={IMAGE: project}, root=root, node_env={**aws, contract.IMDS_ENDPOINT: "off"})
-
-
 def checkpoint(store: Any, prefix: str, local: Path) -> dict[str, Any]:
     """A committed checkpoint fetched from the store and loaded as the trainer would (checksums verified)."""
     from gpuline_trainer.checkpoint import TorchCheckpointer
@@ -303,7 +283,7 @@ def checkpoint(store: Any, prefix: str, local: Path) -> dict[str, Any]:
 def test_two_nodes_train_through_the_operator_and_rank_0_commits_one_checkpoint_per_step(
     tmp_path: Path,
     k8s: K8sEmulator,
-    bucket: MotoServer,
+    bucket: MotoServer,  # noqa: F811
     served: tuple[WorkloadKind, ...],
     kind: WorkloadKind,
     pods: tuple[str, str],
@@ -313,7 +293,7 @@ def test_two_nodes_train_through_the_operator_and_rank_0_commits_one_checkpoint_
     if TRAINJOB in served:
         add_runtime(k8s)
     project = two_node_example(tmp_path / "proj")
-    with node_daemon(k8s, project, tmp_path / "node") as node:
+    with kubelet(k8s, project, tmp_path / "node") as node:
         code, prov, err = gpuline(project, "provision")
         assert code == 0, err
         run_id = prov["run_id"]
