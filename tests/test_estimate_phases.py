@@ -274,3 +274,18 @@ def test_actual_seconds_are_shown_beside_the_estimate_per_phase() -> None:
     assert "| train | 10.0 min–15.0 min | 9.0 min | -10% vs p50 |" in table
     assert "| idle | – | 12.0 s |  |" in table  # measured, not estimated
     assert "| **paid** | 11.7 min–18.3 min | 13.2 min | +13% vs p50 |" in table
+
+
+def test_phases_kept_by_an_older_or_damaged_estimate_compare_on_what_is_readable() -> None:
+    from gpuline.decisions.phases import phases_from_json
+
+    kept = [
+        {"name": "train", "p50_s": 2.0, "p90_s": 3.0, "evidence": "smoke test"},
+        {"name": "warp", "p50_s": 1.0, "p90_s": 1.0},  # a phase this gpuline does not know
+        {"name": "eval", "p50_s": "soon", "p90_s": 1.0},  # not a number
+        {"name": "setup"},  # fields missing
+        "boot",
+    ]
+    (train,) = phases_from_json(kept)
+    assert (train.name, train.p50_s, train.p90_s, train.evidence, train.paid) == ("train", 2.0, 3.0, "smoke test", True)
+    assert phases_from_json({"not": "a list"}) == [] and phases_from_json(None) == []
